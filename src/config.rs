@@ -1,0 +1,178 @@
+//! The TOML configuration shared by every command.
+//!
+//! Sources, later ones winning: built-in defaults, the config file (`--config FILE`, else
+//! `$PAIRSTYLE_CONFIG`, else `<user config dir>/pairstyle/pairstyle.toml` if it exists), then
+//! command-line flags (applied by the binary). `config/pairstyle.toml` in the repository documents
+//! every key with its default; unknown keys are an error so that typos do not pass silently.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::model_dir::Variant;
+use crate::error::{Error, Result};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Which model to load and how.
+    pub model: ModelConfig,
+    /// Where and in what precision to compute.
+    pub runtime: RuntimeConfig,
+    /// Defaults of `pairstyle generate`.
+    pub generate: GenerateConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[model]`: the diffusers folder to use.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Path of a diffusers model folder; empty means none configured.
+    pub path: String,
+    /// Which weight files to prefer: `auto`, `fp32` or `fp16`.
+    pub variant: Variant,
+}
+
+/// `[runtime]`: device, precision and threads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// `cpu`, `auto`, `cuda`, `cuda:N`, `metal` or `metal:N`.
+    pub device: String,
+    /// `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    /// CPU threads for candle's kernels; 0 lets candle use every core.
+    pub threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            threads: 0,
+        }
+    }
+}
+
+/// `[generate]`: default sampling settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateConfig {
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    pub cfg: f64,
+    /// `default` (the model's own scheduler), `euler`, `ddim` or `pndm`.
+    pub scheduler: String,
+    /// Image width in pixels; 0 means the model's native size.
+    pub width: usize,
+    /// Image height in pixels; 0 means the model's native size.
+    pub height: usize,
+    /// Default negative prompt.
+    pub negative: String,
+    /// Folder for generated images (relative paths are relative to the working directory).
+    pub output_dir: String,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self {
+            steps: 30,
+            cfg: 7.5,
+            scheduler: "default".into(),
+            width: 0,
+            height: 0,
+            negative: String::new(),
+            output_dir: "outputs".into(),
+        }
+    }
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `pairstyle=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Parse a config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::MissingFile {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                Error::io(path, e)
+            }
+        })?;
+        toml::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
+    }
+
+    /// The user's config file location: `<config dir>/pairstyle/pairstyle.toml`.
+    pub fn user_path() -> Option<PathBuf> {
+        directories::ProjectDirs::from("", "", "pairstyle")
+            .map(|d| d.config_dir().join("pairstyle.toml"))
+    }
+
+    /// Load the configuration: `explicit` (must exist), else `$PAIRSTYLE_CONFIG` (must exist),
+    /// else the user file if present, else defaults. Returns the config and the file it came from.
+    pub fn load(explicit: Option<&Path>) -> Result<(Self, Option<PathBuf>)> {
+        if let Some(p) = explicit {
+            return Ok((Self::from_file(p)?, Some(p.to_path_buf())));
+        }
+        if let Some(p) = std::env::var_os("PAIRSTYLE_CONFIG").filter(|v| !v.is_empty()) {
+            let p = PathBuf::from(p);
+            return Ok((Self::from_file(&p)?, Some(p)));
+        }
+        match Self::user_path() {
+            Some(p) if p.is_file() => Ok((Self::from_file(&p)?, Some(p))),
+            _ => Ok((Self::default(), None)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented file in the repository must parse and state exactly the built-in defaults,
+    /// so the documentation cannot drift from the code.
+    #[test]
+    fn shipped_config_documents_the_defaults() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pairstyle.toml");
+        let cfg = Config::from_file(&p).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("pairstyle-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, "[runtime]\ndevcie = \"cpu\"\n").unwrap();
+        let err = Config::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("devcie"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/pairstyle.toml"))).unwrap_err();
+        assert!(matches!(err, Error::MissingFile { .. }));
+    }
+}

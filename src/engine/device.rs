@@ -1,0 +1,290 @@
+//! Where tensors live and in which precision: `device` and `dtype` settings, parsed and resolved.
+//!
+//! [`DeviceSpec`] is what a user writes (`cpu`, `cuda`, `cuda:1`, `metal`, `auto`) and
+//! [`DTypeSpec`] the precision (`f32`, `f16`, `bf16`); both parse from strings and from the TOML
+//! config, and fail with the bad value named. [`DeviceSpec::resolve`] opens candle's device and says
+//! how to rebuild when a GPU backend was not compiled in.
+//!
+//! Randomness: candle's CPU backend cannot be seeded (and its generator is not torch's), so
+//! reproducible noise is drawn on the host by [`super::noise::NoiseSource`] and moved to the
+//! device. Generation is deterministic for a seed on a given build, but never bit-equal to
+//! diffusers' torch generator.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+
+/// A compute device as written in the config or on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The CPU (always available; the default).
+    #[default]
+    Cpu,
+    /// The CUDA GPU with this ordinal (`cuda` = `cuda:0`); needs the `cuda` feature.
+    Cuda(usize),
+    /// The Metal GPU with this ordinal (`metal` = `metal:0`); needs the `metal` feature.
+    Metal(usize),
+    /// CUDA if compiled in and a GPU answers, else Metal likewise, else the CPU.
+    Auto,
+}
+
+impl DeviceSpec {
+    /// Open the candle device; a GPU backend missing from this build is a clear error saying which
+    /// feature to rebuild with, and a GPU that fails to open names the device.
+    pub fn resolve(&self) -> Result<Device> {
+        match *self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => {
+                if !cfg!(feature = "cuda") {
+                    return Err(Error::Unsupported(format!(
+                        "device cuda:{n}: this build of pairstyle has no CUDA support; \
+                         rebuild with `cargo build --release --features cuda`"
+                    )));
+                }
+                Device::new_cuda(n).map_err(|e| {
+                    Error::InvalidArgument(format!("cannot open device cuda:{n}: {e}"))
+                })
+            }
+            DeviceSpec::Metal(n) => {
+                if !cfg!(feature = "metal") {
+                    return Err(Error::Unsupported(format!(
+                        "device metal:{n}: this build of pairstyle has no Metal support; \
+                         rebuild with `cargo build --release --features metal`"
+                    )));
+                }
+                Device::new_metal(n).map_err(|e| {
+                    Error::InvalidArgument(format!("cannot open device metal:{n}: {e}"))
+                })
+            }
+            DeviceSpec::Auto => {
+                if cfg!(feature = "cuda") {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                if cfg!(feature = "metal") {
+                    if let Ok(d) = Device::new_metal(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+
+    /// Parse `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` or `auto` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "invalid device {s:?}: expected cpu, cuda, cuda:N, metal, metal:N or auto"
+            ))
+        };
+        let lower = s.trim().to_ascii_lowercase();
+        let (kind, ordinal) = match lower.split_once(':') {
+            Some((k, n)) => (k, Some(n.parse::<usize>().map_err(|_| bad())?)),
+            None => (lower.as_str(), None),
+        };
+        match (kind, ordinal) {
+            ("cpu", None) => Ok(DeviceSpec::Cpu),
+            ("auto", None) => Ok(DeviceSpec::Auto),
+            ("cuda", n) => Ok(DeviceSpec::Cuda(n.unwrap_or(0))),
+            ("metal" | "mps", n) => Ok(DeviceSpec::Metal(n.unwrap_or(0))),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    /// The canonical spelling (`cpu`, `cuda:0`, `metal:0`, `auto`), which parses back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Metal(n) => write!(f, "metal:{n}"),
+            DeviceSpec::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A floating-point precision for model weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeSpec {
+    /// 32-bit float: exact reference numbers, the CPU default.
+    #[default]
+    F32,
+    /// 16-bit IEEE half: GPU inference (the VAE still runs in f32 when its config forces upcast).
+    F16,
+    /// bfloat16: GPU inference and training with f32's range.
+    Bf16,
+}
+
+impl DTypeSpec {
+    /// The candle dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            DTypeSpec::F32 => DType::F32,
+            DTypeSpec::F16 => DType::F16,
+            DTypeSpec::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl FromStr for DTypeSpec {
+    type Err = Error;
+
+    /// Parse `f32`/`fp32`/`float32`, `f16`/`fp16`/`float16`/`half`, `bf16`/`bfloat16`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" | "float" => Ok(DTypeSpec::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(DTypeSpec::F16),
+            "bf16" | "bfloat16" => Ok(DTypeSpec::Bf16),
+            _ => Err(Error::InvalidArgument(format!(
+                "invalid dtype {s:?}: expected f32, f16 or bf16"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for DTypeSpec {
+    /// The canonical spelling (`f32`, `f16`, `bf16`), which parses back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DTypeSpec::F32 => "f32",
+            DTypeSpec::F16 => "f16",
+            DTypeSpec::Bf16 => "bf16",
+        })
+    }
+}
+
+impl From<DTypeSpec> for DType {
+    fn from(d: DTypeSpec) -> DType {
+        d.dtype()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DTypeSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for DTypeSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Seed the device's own generator where it has one (CUDA, Metal); a no-op on the CPU, whose
+/// candle generator cannot be seeded. Reproducible code draws noise with
+/// [`super::noise::NoiseSource`] instead.
+pub fn seed_device(device: &Device, seed: u64) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        _ => Ok(device.set_seed(seed)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("CUDA".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!("metal".parse::<DeviceSpec>().unwrap(), DeviceSpec::Metal(0));
+        assert_eq!(
+            "metal:1".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Metal(1)
+        );
+        assert_eq!(" auto ".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        for spec in [
+            DeviceSpec::Cpu,
+            DeviceSpec::Cuda(2),
+            DeviceSpec::Metal(0),
+            DeviceSpec::Auto,
+        ] {
+            assert_eq!(spec.to_string().parse::<DeviceSpec>().unwrap(), spec);
+        }
+    }
+
+    #[test]
+    fn bad_device_names_the_value() {
+        for bad in ["tpu", "cuda:x", "cpu:1", "cuda:", "", "auto:0", "cuda:-1"] {
+            let err = bad.parse::<DeviceSpec>().unwrap_err().to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn parses_dtypes() {
+        assert_eq!("f32".parse::<DTypeSpec>().unwrap(), DTypeSpec::F32);
+        assert_eq!("FP16".parse::<DTypeSpec>().unwrap(), DTypeSpec::F16);
+        assert_eq!("bf16".parse::<DTypeSpec>().unwrap(), DTypeSpec::Bf16);
+        assert_eq!(DTypeSpec::Bf16.dtype(), DType::BF16);
+        assert_eq!(DType::from(DTypeSpec::F16), DType::F16);
+        let err = "f8".parse::<DTypeSpec>().unwrap_err().to_string();
+        assert!(err.contains("\"f8\""), "{err}");
+    }
+
+    #[test]
+    fn deserializes_from_toml() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            device: DeviceSpec,
+            dtype: DTypeSpec,
+        }
+        let c: C = toml::from_str("device = \"cuda:1\"\ndtype = \"bf16\"").unwrap();
+        assert_eq!(c.device, DeviceSpec::Cuda(1));
+        assert_eq!(c.dtype, DTypeSpec::Bf16);
+        let err = toml::from_str::<C>("device = \"gpu0\"\ndtype = \"f32\"")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("gpu0"), "{err}");
+    }
+
+    #[test]
+    fn cpu_and_auto_resolve_without_gpu_features() {
+        assert!(DeviceSpec::Cpu.resolve().unwrap().is_cpu());
+        let auto = DeviceSpec::Auto.resolve().unwrap();
+        if !cfg!(feature = "cuda") && !cfg!(feature = "metal") {
+            assert!(auto.is_cpu());
+        }
+        if !cfg!(feature = "cuda") {
+            let err = DeviceSpec::Cuda(0).resolve().unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+        if !cfg!(feature = "metal") {
+            let err = DeviceSpec::Metal(0).resolve().unwrap_err().to_string();
+            assert!(err.contains("--features metal"), "{err}");
+        }
+    }
+
+    #[test]
+    fn seeding_the_cpu_is_a_no_op() {
+        seed_device(&Device::Cpu, 1).unwrap();
+    }
+}

@@ -1,0 +1,18 @@
+//! The diffusion engine: Stable Diffusion 1.x / 2.x / SDXL in candle, loaded from diffusers folders.
+//!
+//! Flow: [`model_dir`] finds the files of a diffusers folder, [`weights`] memory-maps them with
+//! shape checks, [`text`] turns prompts into conditioning, [`unet`] predicts noise, [`vae`] maps
+//! between pixels and latents, [`scheduler`] walks the noise schedule, and [`pipeline`] ties them
+//! into text-to-image sampling with classifier-free guidance.
+
+pub mod device;
+pub mod image_io;
+pub mod model_dir;
+pub mod nn;
+pub mod noise;
+pub mod pipeline;
+pub mod scheduler;
+pub mod text;
+pub mod unet;
+pub mod vae;
+pub mod weights;

@@ -1,0 +1,382 @@
+//! Neural-network building blocks whose backward pass is correct in candle.
+//!
+//! candle's fused softmax, layer norm and attention kernels have no backward (see
+//! `shared/CANDLE.md`), so the layers here are composed from ops with correct gradients. Norms
+//! compute their statistics in f32 when the model runs in half precision.
+//!
+//! [`AdaptableLinear`] is the attention projection (`to_q`, `to_k`, `to_v`, `to_out.0`): a frozen
+//! base weight plus any number of named low-rank adapters, each with a per-sample scale.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor, D};
+
+use super::weights::Weights;
+use crate::error::{Error, Result};
+
+/// A dense layer `y = x·Wᵀ + b` over the last axis (any number of leading axes).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Load `weight` [out, in] (and `bias` [out] when `bias` is true) under `w`.
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get(&[out_dim, in_dim], "weight")?;
+        let bias = if bias {
+            Some(w.get(&[out_dim], "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The weight matrix [out, in].
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Apply the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(linear(x, &self.weight, self.bias.as_ref())?)
+    }
+}
+
+/// `x·wᵀ + b` for `x` of rank 2, 3 or 4, folding leading axes into one matmul.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims.to_vec();
+    let last = out_dims.len() - 1;
+    out_dims[last] = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+/// One low-rank adapter on a linear layer: `Δy = scale · B(A·x)`.
+#[derive(Debug, Clone)]
+pub struct LowRankAdapter {
+    /// Down-projection A [r, in].
+    pub down: Tensor,
+    /// Up-projection B [out, r].
+    pub up: Tensor,
+    /// α / r, the fixed part of the adapter's scale.
+    pub alpha_over_rank: f64,
+}
+
+/// Per-sample scales of the adapters active in one forward call, by adapter name.
+///
+/// An adapter missing from the map is inactive (skipped, no cost). A scale is a tensor of shape
+/// [batch] so that, e.g., the unconditional, conditional and style branches of style guidance can
+/// run in one batched call with different adapters switched on per sample.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterScales {
+    scales: HashMap<String, Tensor>,
+}
+
+impl AdapterScales {
+    /// No adapter active: the base model.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Activate adapter `name` with one scale per sample (`scales.len()` = batch size).
+    pub fn set(&mut self, name: &str, scales: Tensor) {
+        self.scales.insert(name.to_string(), scales);
+    }
+
+    /// The per-sample scale tensor of adapter `name`, if active.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.scales.get(name)
+    }
+
+    /// Whether no adapter is active.
+    pub fn is_empty(&self) -> bool {
+        self.scales.is_empty()
+    }
+}
+
+/// An attention projection: frozen base weights plus named low-rank adapters, applied unmerged as
+/// `W0·x + b + Σ_k s_k·(α_k/r_k)·B_k(A_k·x)` with `s_k` taken per sample from [`AdapterScales`].
+#[derive(Debug, Clone)]
+pub struct AdaptableLinear {
+    /// Module path in diffusers naming, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+    path: String,
+    base: Linear,
+    adapters: Vec<(String, LowRankAdapter)>,
+}
+
+impl AdaptableLinear {
+    /// Load the base layer; `path` is the module's full diffusers name (adapter files key on it).
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            path: w.prefix().to_string(),
+            base: Linear::load(w, in_dim, out_dim, bias)?,
+            adapters: Vec::new(),
+        })
+    }
+
+    /// The module's full diffusers name.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Input and output widths of the base layer.
+    pub fn dims(&self) -> (usize, usize) {
+        let d = self.base.weight.dims();
+        (d[1], d[0])
+    }
+
+    /// Attach (or replace) the adapter `name`. Shapes must fit the base layer.
+    pub fn set_adapter(&mut self, name: &str, adapter: LowRankAdapter) -> Result<()> {
+        let (in_dim, out_dim) = self.dims();
+        let (r, a_in) = adapter.down.dims2()?;
+        let (b_out, r2) = adapter.up.dims2()?;
+        if a_in != in_dim || b_out != out_dim || r != r2 {
+            return Err(Error::ShapeMismatch {
+                name: format!("{}.{name}", self.path),
+                expected: vec![out_dim, r, in_dim],
+                found: vec![b_out, r2, a_in],
+                file: "<adapter>".into(),
+            });
+        }
+        self.adapters.retain(|(n, _)| n != name);
+        self.adapters.push((name.to_string(), adapter));
+        Ok(())
+    }
+
+    /// Detach the adapter `name` (no-op if absent).
+    pub fn remove_adapter(&mut self, name: &str) {
+        self.adapters.retain(|(n, _)| n != name);
+    }
+
+    /// The adapters attached, by name.
+    pub fn adapters(&self) -> impl Iterator<Item = (&str, &LowRankAdapter)> {
+        self.adapters.iter().map(|(n, a)| (n.as_str(), a))
+    }
+
+    /// Apply base layer and active adapters. `x` is [batch, tokens, in].
+    pub fn forward(&self, x: &Tensor, scales: &AdapterScales) -> Result<Tensor> {
+        let mut y = self.base.forward(x)?;
+        for (name, ad) in &self.adapters {
+            let Some(s) = scales.get(name) else { continue };
+            let h = linear(x, &ad.down, None)?;
+            let delta = linear(&h, &ad.up, None)?;
+            let batch = x.dim(0)?;
+            let s = (s.to_dtype(delta.dtype())? * ad.alpha_over_rank)?;
+            let s = match s.rank() {
+                0 => s.reshape((1, 1, 1))?,
+                _ => s.reshape((batch, 1, 1))?,
+            };
+            y = (y + delta.broadcast_mul(&s)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// A 2-D convolution with diffusers' `weight` [out, in/groups, k, k] and `bias` [out].
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Load a square-kernel convolution with bias.
+    pub fn load(
+        w: &Weights,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&[out_ch, in_ch, kernel, kernel], "weight")?,
+            bias: Some(w.get(&[out_ch], "bias")?),
+            stride,
+            padding,
+        })
+    }
+
+    /// Apply the convolution to [B, C, H, W].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+/// Group normalisation over [B, C, ...] with an affine `weight`/`bias` per channel.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Load `weight` and `bias` [channels]; `channels` must divide by `groups`.
+    pub fn load(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {channels} channels do not divide into {groups} groups",
+                w.prefix()
+            )));
+        }
+        Ok(Self {
+            weight: w.get(&[channels], "weight")?,
+            bias: w.get(&[channels], "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    /// Normalise `x` [B, C, *spatial] (statistics in f32 for half-precision inputs).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let x32 = upcast(x)?;
+        let g = x32.reshape((b, self.groups, ()))?;
+        let mean = g.mean_keepdim(D::Minus1)?;
+        let centered = g.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut shape = vec![1, c];
+        shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+        let normed = normed.reshape(dims.as_slice())?.to_dtype(dtype)?;
+        let y = normed
+            .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(shape.as_slice())?)?;
+        Ok(y)
+    }
+}
+
+/// Layer normalisation over the last axis with affine parameters.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Load `weight` and `bias` [dim].
+    pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&[dim], "weight")?,
+            bias: w.get(&[dim], "bias")?,
+            eps,
+        })
+    }
+
+    /// Normalise over the last axis (statistics in f32 for half-precision inputs).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = upcast(x)?;
+        let mean = x32.mean_keepdim(D::Minus1)?;
+        let centered = x32.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        Ok(normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// Softmax over the last axis, composed from ops with a correct backward. The max subtracted for
+/// stability is detached: softmax is invariant to it, so its gradient is zero anyway.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// SiLU, `x·σ(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::silu(x)?)
+}
+
+/// Nearest-neighbour upsampling by 2 on [B, C, H, W], built from a broadcast so that its backward
+/// sums the four children correctly (candle's `upsample_nearest2d` backward misbehaves when the
+/// input has other consumers).
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let y = x
+        .reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .contiguous()?
+        .reshape((b, c, h * 2, w * 2))?;
+    Ok(y)
+}
+
+/// `x` in f32 if it is a half-precision tensor, else unchanged.
+pub fn upcast(x: &Tensor) -> Result<Tensor> {
+    Ok(match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    })
+}
+
+/// Scaled dot-product attention on [B, N, H·D] queries and [B, M, H·D] keys/values, split into
+/// `heads` heads. With `upcast`, scores and softmax are computed in f32 (diffusers'
+/// `upcast_attention`). Only ops with a correct backward are used.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    upcast_scores: bool,
+) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    if inner % heads != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "attention width {inner} does not divide into {heads} heads"
+        )));
+    }
+    let d = inner / heads;
+    let split = |t: &Tensor, len: usize| -> candle_core::Result<Tensor> {
+        t.reshape((b, len, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * heads, len, d))
+    };
+    let (qh, kh, vh) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let dtype = q.dtype();
+    let scale = 1.0 / (d as f64).sqrt();
+    let (qs, ks) = if upcast_scores {
+        (upcast(&qh)?, upcast(&kh)?)
+    } else {
+        (qh, kh)
+    };
+    let scores = (qs.matmul(&ks.t()?)? * scale)?;
+    let probs = softmax_last(&upcast(&scores)?)?.to_dtype(dtype)?;
+    let out = probs.matmul(&vh)?;
+    Ok(out
+        .reshape((b, heads, n, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, n, inner))?)
+}
+
+/// GELU with the exact erf form, as PyTorch's default `F.gelu`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}

@@ -1,0 +1,256 @@
+//! Text-to-image sampling with classifier-free guidance: prompt → conditioning → denoising loop
+//! → VAE decode. The same loop drives SD 1.x, 2.x and SDXL; what differs (conditioning, SDXL's
+//! size conditioning, the scheduler) comes from the model folder.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::model_dir::{ModelDir, ModelFamily, Variant};
+use super::nn::AdapterScales;
+use super::noise::NoiseSource;
+use super::scheduler::{make_sampler, SchedulerConfig, SchedulerKind};
+use super::text::{Conditioning, PromptEncoder};
+use super::unet::{AddedCond, UNet};
+use super::vae::Vae;
+use crate::error::{Error, Result};
+
+/// A loaded model: text encoders, UNet, VAE and the scheduler config.
+pub struct Pipeline {
+    model: ModelDir,
+    family: ModelFamily,
+    text: PromptEncoder,
+    unet: UNet,
+    vae: Vae,
+    scheduler: SchedulerConfig,
+    dtype: DType,
+    device: Device,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt; `None` is the unconditional branch (zeroed for SDXL).
+    pub negative: Option<String>,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    pub cfg: f64,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Sampler; `None` uses the model's own scheduler class.
+    pub scheduler: Option<SchedulerKind>,
+}
+
+/// Progress of one denoising step, passed to the caller's callback.
+#[derive(Debug, Clone, Copy)]
+pub struct StepProgress {
+    /// 1-based step number.
+    pub step: usize,
+    /// Total steps.
+    pub total: usize,
+    /// The model timestep of this step.
+    pub timestep: usize,
+    /// Seconds spent so far in the loop.
+    pub elapsed_s: f64,
+}
+
+impl Pipeline {
+    /// Load every component of a diffusers folder.
+    pub fn load(model: ModelDir, variant: Variant, dtype: DType, device: &Device) -> Result<Self> {
+        let family = model.family()?;
+        let scheduler = SchedulerConfig::from_model_dir(&model)?;
+        let text = PromptEncoder::load(&model, dtype, device)?;
+        let unet = UNet::load(&model, variant, dtype, device)?;
+        let vae = Vae::load(&model, variant, dtype, device)?;
+        Ok(Self {
+            model,
+            family,
+            text,
+            unet,
+            vae,
+            scheduler,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The model folder.
+    pub fn model(&self) -> &ModelDir {
+        &self.model
+    }
+
+    /// The model family.
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    /// The UNet (to attach adapters).
+    pub fn unet(&self) -> &UNet {
+        &self.unet
+    }
+
+    /// The UNet, mutably.
+    pub fn unet_mut(&mut self) -> &mut UNet {
+        &mut self.unet
+    }
+
+    /// The VAE.
+    pub fn vae(&self) -> &Vae {
+        &self.vae
+    }
+
+    /// The prompt encoder.
+    pub fn text(&self) -> &PromptEncoder {
+        &self.text
+    }
+
+    /// The scheduler config of the model folder.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler
+    }
+
+    /// Pixels per latent cell along each side.
+    pub fn vae_scale(&self) -> usize {
+        self.vae.config().downscale_factor()
+    }
+
+    /// The image side the UNet was trained for (sample_size × VAE factor), if the config says.
+    pub fn native_size(&self) -> Option<usize> {
+        self.unet
+            .config()
+            .file
+            .sample_size
+            .as_ref()
+            .and_then(|v| v.as_u64())
+            .map(|s| s as usize * self.vae_scale())
+    }
+
+    /// Check that an image size works with this model: sides divide by the VAE factor times the
+    /// UNet's downscale.
+    pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
+        let m = self.vae_scale() * self.unet.config().downscale();
+        if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "image size {width}×{height}: both sides must be positive multiples of {m} for this model"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Seeded initial latents [1, C, H/f, W/f] (unit variance, before `init_noise_sigma`).
+    pub fn initial_latents(&self, seed: u64, width: usize, height: usize) -> Result<Tensor> {
+        self.check_size(width, height)?;
+        let f = self.vae_scale();
+        let c = self.unet.config().file.in_channels;
+        NoiseSource::new(seed).randn(&[1, c, height / f, width / f], self.dtype, &self.device)
+    }
+
+    /// SDXL's added conditions for a batch: pooled embeddings and (H, W, 0, 0, H, W) size ids.
+    fn added_cond(
+        &self,
+        pooled: Option<&Tensor>,
+        width: usize,
+        height: usize,
+        batch: usize,
+    ) -> Result<Option<AddedCond>> {
+        if self.unet.config().text_time.is_none() {
+            return Ok(None);
+        }
+        let pooled = pooled.ok_or_else(|| {
+            Error::InvalidArgument("SDXL UNet needs pooled text embeddings".into())
+        })?;
+        let (h, w) = (height as f32, width as f32);
+        let ids: Vec<f32> = (0..batch).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+        let time_ids = Tensor::from_vec(ids, (batch, 6), &self.device)?.to_dtype(self.dtype)?;
+        Ok(Some(AddedCond {
+            text_embeds: pooled.clone(),
+            time_ids,
+        }))
+    }
+
+    /// Run the denoising loop from given initial `latents` (unit variance) and return the final
+    /// latents. `on_step` is called after every step.
+    pub fn denoise(
+        &self,
+        req: &GenerateRequest,
+        latents: Tensor,
+        mut on_step: impl FnMut(StepProgress),
+    ) -> Result<Tensor> {
+        self.check_size(req.width, req.height)?;
+        if req.steps == 0 {
+            return Err(Error::InvalidArgument("steps must be at least 1".into()));
+        }
+        // diffusers runs the unconditional branch only when guidance > 1.
+        let guided = req.cfg > 1.0;
+        let cond = self.text.encode(&[req.prompt.as_str()])?;
+        let text = if guided {
+            let uncond = self.text.encode_uncond(req.negative.as_deref())?;
+            Conditioning::cat(&[&uncond, &cond])?
+        } else {
+            cond
+        };
+        let batch = text.context.dim(0)?;
+        let added = self.added_cond(text.pooled.as_ref(), req.width, req.height, batch)?;
+        let kind = match req.scheduler {
+            Some(k) => k,
+            None => SchedulerKind::default_for(&self.scheduler),
+        };
+        let mut sampler = make_sampler(kind, &self.scheduler, req.steps)?;
+        let mut latents = (latents * sampler.init_noise_sigma())?;
+        let timesteps = sampler.timesteps().to_vec();
+        let model_timesteps = sampler.model_timesteps().to_vec();
+        let start = Instant::now();
+        let none = AdapterScales::none();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let x = sampler.scale_model_input(&latents, t)?;
+            let x_in = if guided {
+                Tensor::cat(&[&x, &x], 0)?
+            } else {
+                x
+            };
+            let mt = model_timesteps[i] as f32;
+            let ts = Tensor::new(vec![mt; batch], &self.device)?;
+            let out = self
+                .unet
+                .forward(&x_in, &ts, &text.context, added.as_ref(), &none)?;
+            let eps = if guided {
+                let eps_u = out.narrow(0, 0, 1)?;
+                let eps_c = out.narrow(0, 1, 1)?;
+                (&eps_u + ((eps_c - &eps_u)? * req.cfg)?)?
+            } else {
+                out
+            };
+            latents = sampler.step(&eps, t, &latents)?;
+            on_step(StepProgress {
+                step: i + 1,
+                total: timesteps.len(),
+                timestep: t,
+                elapsed_s: start.elapsed().as_secs_f64(),
+            });
+        }
+        Ok(latents)
+    }
+
+    /// Encode prompts with this model's text encoders.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Conditioning> {
+        self.text.encode(prompts)
+    }
+
+    /// Generate one image: returns the decoded image [1, 3, H, W] in [-1, 1].
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_step: impl FnMut(StepProgress),
+    ) -> Result<Tensor> {
+        let latents = self.initial_latents(req.seed, req.width, req.height)?;
+        let latents = self.denoise(req, latents, on_step)?;
+        self.vae.decode_scaled(&latents)
+    }
+}

@@ -1,0 +1,14 @@
+//! pairstyle: learn an artistic style from one image pair (Pair Customization, arXiv 2405.01536)
+//! and apply it to a Stable Diffusion model, in Rust with candle.
+//!
+//! The crate is organised along the flow of the product:
+//! - [`engine`]: the diffusion engine (model folders, tokenizer, text encoders, UNet, VAE,
+//!   schedulers, the sampling pipeline). It knows nothing of the daemon or the terminal.
+//! - [`config`]: the TOML configuration shared by every command.
+//! - [`error`]: the library's error type.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+
+pub use error::{Error, Result};
