@@ -6,6 +6,7 @@
 //! into text-to-image sampling with classifier-free guidance.
 
 pub mod device;
+pub mod frozen;
 pub mod image_io;
 pub mod model_dir;
 pub mod nn;

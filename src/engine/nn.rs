@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, D};
 
+use super::frozen::{frozen_conv2d, frozen_linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -38,9 +39,14 @@ impl Linear {
         &self.weight
     }
 
-    /// Apply the layer.
+    /// Apply the layer. When `x` tracks gradients the weights are treated as frozen: backward
+    /// computes only the input gradient ([`frozen_linear`]); otherwise the plain ops run.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(linear(x, &self.weight, self.bias.as_ref())?)
+        if x.track_op() {
+            frozen_linear(x, &self.weight, self.bias.as_ref())
+        } else {
+            Ok(linear(x, &self.weight, self.bias.as_ref())?)
+        }
     }
 }
 
@@ -134,6 +140,11 @@ impl AdaptableLinear {
         (d[1], d[0])
     }
 
+    /// The dtype of the base weight (adapters should match it).
+    pub fn weight_dtype(&self) -> DType {
+        self.base.weight.dtype()
+    }
+
     /// Attach (or replace) the adapter `name`. Shapes must fit the base layer.
     pub fn set_adapter(&mut self, name: &str, adapter: LowRankAdapter) -> Result<()> {
         let (in_dim, out_dim) = self.dims();
@@ -208,8 +219,19 @@ impl Conv2d {
         })
     }
 
-    /// Apply the convolution to [B, C, H, W].
+    /// Apply the convolution to [B, C, H, W]. When `x` tracks gradients the weights are treated
+    /// as frozen: backward computes only the input gradient ([`frozen_conv2d`]); otherwise the
+    /// plain ops run.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            return frozen_conv2d(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.padding,
+                self.stride,
+            );
+        }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,

@@ -15,6 +15,75 @@ use super::unet::{AddedCond, UNet};
 use super::vae::Vae;
 use crate::error::{Error, Result};
 
+/// One style term of style guidance: `λ·(ε_S(x, c + suffix) − ε0(x, c))`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StyleTerm {
+    /// Name of the adapter (already attached to the UNet) that holds this style.
+    pub adapter: String,
+    /// Guidance weight λ of this style.
+    pub lambda: f64,
+    /// Appended to the prompt for this style's branch, e.g. ` in watercolor style`.
+    pub suffix: String,
+    /// Adapter scale α inside the style branch (1 in the paper).
+    pub scale: f64,
+}
+
+/// How each step's model output is formed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Guidance {
+    /// Plain classifier-free guidance on the base model.
+    Cfg,
+    /// Pair Customization's style guidance (METHOD.md Eq. 10/11): CFG on the base model plus one
+    /// term per style; plain CFG before step index `from_step` (0 = every step).
+    Styles {
+        /// The styles blended, each with its own λ and prompt suffix.
+        styles: Vec<StyleTerm>,
+        /// First step (0-based) with style terms.
+        from_step: usize,
+    },
+    /// The "LoRA scale" baseline: ordinary CFG with the prompt + suffix and the adapter at scale
+    /// α on both branches.
+    LoraScale {
+        /// The adapter.
+        adapter: String,
+        /// Its scale α.
+        alpha: f64,
+        /// Appended to the prompt.
+        suffix: String,
+    },
+}
+
+impl Guidance {
+    /// Check that every adapter named is attached to the UNet.
+    fn check(&self, unet: &UNet) -> Result<()> {
+        let names: Vec<&str> = match self {
+            Guidance::Cfg => vec![],
+            Guidance::Styles { styles, .. } => styles.iter().map(|s| s.adapter.as_str()).collect(),
+            Guidance::LoraScale { adapter, .. } => vec![adapter.as_str()],
+        };
+        let linears = unet.adaptable_linears();
+        for name in names {
+            let attached = linears
+                .first()
+                .is_some_and(|l| l.adapters().any(|(n, _)| n == name));
+            if !attached {
+                return Err(Error::InvalidArgument(format!(
+                    "style adapter {name:?} is not attached to the UNet"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The batch of one guidance mode: conditioning of every branch and per-sample adapter scales.
+struct Branches {
+    text: Conditioning,
+    added: Option<AddedCond>,
+    scales: AdapterScales,
+    with_uncond: bool,
+}
+
 /// A loaded model: text encoders, UNet, VAE and the scheduler config.
 pub struct Pipeline {
     model: ModelDir,
@@ -84,6 +153,16 @@ impl Pipeline {
     /// The model folder.
     pub fn model(&self) -> &ModelDir {
         &self.model
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The model family.
@@ -175,22 +254,31 @@ impl Pipeline {
         }))
     }
 
-    /// Run the denoising loop from given initial `latents` (unit variance) and return the final
-    /// latents. `on_step` is called after every step.
+    /// Run the denoising loop with plain classifier-free guidance from given initial `latents`
+    /// (unit variance) and return the final latents. `on_step` is called after every step.
     pub fn denoise(
         &self,
         req: &GenerateRequest,
         latents: Tensor,
-        mut on_step: impl FnMut(StepProgress),
+        on_step: impl FnMut(StepProgress),
     ) -> Result<Tensor> {
-        self.check_size(req.width, req.height)?;
-        if req.steps == 0 {
-            return Err(Error::InvalidArgument("steps must be at least 1".into()));
-        }
+        self.denoise_guided(req, &Guidance::Cfg, latents, on_step)
+    }
+
+    /// The conditioning, adapter scales and batch layout of one guidance mode.
+    fn branches(&self, req: &GenerateRequest, guidance: &Guidance) -> Result<Branches> {
         // diffusers runs the unconditional branch only when guidance > 1.
-        let guided = req.cfg > 1.0;
-        let cond = self.text.encode(&[req.prompt.as_str()])?;
-        let text = if guided {
+        let with_uncond = req.cfg > 1.0;
+        let mut prompts = vec![req.prompt.clone()];
+        match guidance {
+            Guidance::Cfg => {}
+            Guidance::Styles { styles, .. } => {
+                prompts.extend(styles.iter().map(|s| format!("{}{}", req.prompt, s.suffix)));
+            }
+            Guidance::LoraScale { suffix, .. } => prompts[0] = format!("{}{}", req.prompt, suffix),
+        }
+        let cond = self.text.encode(&prompts)?;
+        let text = if with_uncond {
             let uncond = self.text.encode_uncond(req.negative.as_deref())?;
             Conditioning::cat(&[&uncond, &cond])?
         } else {
@@ -198,6 +286,71 @@ impl Pipeline {
         };
         let batch = text.context.dim(0)?;
         let added = self.added_cond(text.pooled.as_ref(), req.width, req.height, batch)?;
+        let first_cond = usize::from(with_uncond);
+        let mut scales = AdapterScales::none();
+        match guidance {
+            Guidance::Cfg => {}
+            Guidance::Styles { styles, .. } => {
+                for (i, s) in styles.iter().enumerate() {
+                    let mut v = vec![0f32; batch];
+                    v[first_cond + 1 + i] = s.scale as f32;
+                    let prev = scales
+                        .get(&s.adapter)
+                        .map(|t| t.to_vec1::<f32>())
+                        .transpose()?;
+                    if let Some(prev) = prev {
+                        // The same adapter used twice (two λ for one style): both branches active.
+                        v.iter_mut().zip(prev).for_each(|(a, b)| *a += b);
+                    }
+                    scales.set(
+                        &s.adapter,
+                        Tensor::new(v, &self.device)?.to_dtype(self.dtype)?,
+                    );
+                }
+            }
+            Guidance::LoraScale { adapter, alpha, .. } => {
+                let v = vec![*alpha as f32; batch];
+                scales.set(adapter, Tensor::new(v, &self.device)?.to_dtype(self.dtype)?);
+            }
+        }
+        Ok(Branches {
+            text,
+            added,
+            scales,
+            with_uncond,
+        })
+    }
+
+    /// Run the denoising loop with `guidance` (plain CFG, Pair Customization's style guidance with
+    /// any number of styles, or the LoRA-scale baseline). Every branch of a step is evaluated in
+    /// one batched UNet call, with per-sample adapter scales.
+    pub fn denoise_guided(
+        &self,
+        req: &GenerateRequest,
+        guidance: &Guidance,
+        latents: Tensor,
+        mut on_step: impl FnMut(StepProgress),
+    ) -> Result<Tensor> {
+        self.check_size(req.width, req.height)?;
+        if req.steps == 0 {
+            return Err(Error::InvalidArgument("steps must be at least 1".into()));
+        }
+        guidance.check(&self.unet)?;
+        let br = self.branches(req, guidance)?;
+        let batch = br.text.context.dim(0)?;
+        // The leading [uncond, cond] (or [cond]) part, used alone before style guidance starts.
+        let n_base = 1 + usize::from(br.with_uncond);
+        let base_text = Conditioning {
+            context: br.text.context.narrow(0, 0, n_base)?,
+            pooled: br
+                .text
+                .pooled
+                .as_ref()
+                .map(|p| p.narrow(0, 0, n_base))
+                .transpose()?,
+        };
+        let base_added =
+            self.added_cond(base_text.pooled.as_ref(), req.width, req.height, n_base)?;
         let kind = match req.scheduler {
             Some(k) => k,
             None => SchedulerKind::default_for(&self.scheduler),
@@ -209,24 +362,37 @@ impl Pipeline {
         let start = Instant::now();
         let none = AdapterScales::none();
         for (i, &t) in timesteps.iter().enumerate() {
-            let x = sampler.scale_model_input(&latents, t)?;
-            let x_in = if guided {
-                Tensor::cat(&[&x, &x], 0)?
-            } else {
-                x
+            let styled = match guidance {
+                Guidance::Styles { from_step, .. } => i >= *from_step,
+                _ => false,
             };
+            let (n, text, added, scales) =
+                if styled || matches!(guidance, Guidance::LoraScale { .. }) {
+                    (batch, &br.text, br.added.as_ref(), &br.scales)
+                } else {
+                    (n_base, &base_text, base_added.as_ref(), &none)
+                };
+            let x = sampler.scale_model_input(&latents, t)?;
+            let x_in = x.repeat((n, 1, 1, 1))?;
             let mt = model_timesteps[i] as f32;
-            let ts = Tensor::new(vec![mt; batch], &self.device)?;
+            let ts = Tensor::new(vec![mt; n], &self.device)?;
             let out = self
                 .unet
-                .forward(&x_in, &ts, &text.context, added.as_ref(), &none)?;
-            let eps = if guided {
+                .forward(&x_in, &ts, &text.context, added, scales)?;
+            let c = n_base - 1;
+            let eps_c = out.narrow(0, c, 1)?;
+            let mut eps = if br.with_uncond {
                 let eps_u = out.narrow(0, 0, 1)?;
-                let eps_c = out.narrow(0, 1, 1)?;
-                (&eps_u + ((eps_c - &eps_u)? * req.cfg)?)?
+                (&eps_u + ((&eps_c - &eps_u)? * req.cfg)?)?
             } else {
-                out
+                eps_c.clone()
             };
+            if let (true, Guidance::Styles { styles, .. }) = (styled, guidance) {
+                for (k, s) in styles.iter().enumerate() {
+                    let eps_s = out.narrow(0, n_base + k, 1)?;
+                    eps = (eps + ((eps_s - &eps_c)? * s.lambda)?)?;
+                }
+            }
             latents = sampler.step(&eps, t, &latents)?;
             on_step(StepProgress {
                 step: i + 1,
