@@ -24,6 +24,52 @@ pub struct Config {
     pub generate: GenerateConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Where learned styles live.
+    pub library: LibraryConfig,
+    /// Pair Customization training defaults (per-pair overrides come from the command line).
+    pub train: crate::trainer::TrainConfig,
+    /// Style-guidance defaults.
+    pub style: StyleConfig,
+}
+
+/// `[library]`: the style library.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibraryConfig {
+    /// Library folder; empty means `<user data dir>/pairstyle/styles`.
+    pub path: String,
+}
+
+impl LibraryConfig {
+    /// The library folder to use.
+    pub fn resolve(&self) -> PathBuf {
+        if !self.path.is_empty() {
+            return PathBuf::from(&self.path);
+        }
+        directories::ProjectDirs::from("", "", "pairstyle")
+            .map(|d| d.data_dir().join("styles"))
+            .unwrap_or_else(|| PathBuf::from("styles"))
+    }
+}
+
+/// `[style]`: style guidance at sampling time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StyleConfig {
+    /// Default λ of a style given without `=λ` (the paper: 3 for the training category, 4 for others).
+    pub lambda: f64,
+    /// First step (0-based) with style guidance; 0 = every step (the reference code), 10 of 50 =
+    /// the paper's schedule.
+    pub from_step: usize,
+}
+
+impl Default for StyleConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 3.0,
+            from_step: 0,
+        }
+    }
 }
 
 /// `[model]`: the diffusers folder to use.

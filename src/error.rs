@@ -89,6 +89,16 @@ pub enum Error {
     /// The model uses a feature this engine does not implement (named).
     #[error("unsupported model feature: {0}")]
     Unsupported(String),
+
+    /// A LoRA file or adapter set is malformed or does not fit the model: keys that name no
+    /// adapted layer, a down-projection without its up-projection, layers the UNet lacks.
+    #[error("LoRA {origin}: {message}")]
+    Lora {
+        /// The file (path) or adapter set concerned.
+        origin: String,
+        /// What is wrong, naming the keys or layers.
+        message: String,
+    },
 }
 
 impl Error {

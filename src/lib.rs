@@ -6,9 +6,13 @@
 //!   schedulers, the sampling pipeline). It knows nothing of the daemon or the terminal.
 //! - [`config`]: the TOML configuration shared by every command.
 //! - [`error`]: the library's error type.
+//! - [`lora`]: LoRA adapters: orthonormal down-projections, adapter sets, style files, export.
 
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod library;
+pub mod lora;
+pub mod trainer;
 
 pub use error::{Error, Result};

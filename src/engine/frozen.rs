@@ -266,7 +266,7 @@ fn conv2d_input_grad(
             candle_core::bail!("frozen-conv2d backward: empty output gradient");
         };
         let full = g1 * stride + k;
-        let base = full.checked_sub(2 * padding).unwrap_or(0);
+        let base = full.saturating_sub(2 * padding);
         match size.checked_sub(base) {
             Some(m) if m < stride.max(1) => Ok(m),
             _ => candle_core::bail!(

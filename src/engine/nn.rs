@@ -134,6 +134,11 @@ impl AdaptableLinear {
         &self.path
     }
 
+    /// The frozen base layer `W0·x + b`.
+    pub fn base(&self) -> &Linear {
+        &self.base
+    }
+
     /// Input and output widths of the base layer.
     pub fn dims(&self) -> (usize, usize) {
         let d = self.base.weight.dims();
@@ -217,6 +222,11 @@ impl Conv2d {
             stride,
             padding,
         })
+    }
+
+    /// The kernel [out, in, k, k].
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
     /// Apply the convolution to [B, C, H, W]. When `x` tracks gradients the weights are treated

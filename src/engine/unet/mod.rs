@@ -139,6 +139,11 @@ impl UNet {
         &self.config
     }
 
+    /// The output convolution (`conv_out`), e.g. to inspect its frozen weight.
+    pub fn conv_out(&self) -> &Conv2d {
+        &self.conv_out
+    }
+
     /// Predict the model output (noise, velocity or sample, as trained) for `sample` [B, C, H, W]
     /// at `timesteps` [B] (one per sample), conditioned on `context` [B, M, cross_dim], SDXL's
     /// `added` conditions, and the adapters active in `scales`.
