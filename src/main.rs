@@ -12,8 +12,14 @@ use pairstyle::config::Config;
 use pairstyle::engine::device::{DTypeSpec, DeviceSpec};
 use pairstyle::engine::image_io::{self, GenerationMeta};
 use pairstyle::engine::model_dir::ModelDir;
-use pairstyle::engine::pipeline::{GenerateRequest, Pipeline};
+use pairstyle::engine::pipeline::{GenerateRequest, Guidance, Pipeline, StyleTerm};
 use pairstyle::engine::scheduler::{SchedulerConfig, SchedulerKind};
+use pairstyle::engine::unet::{UNetConfig, UNetConfigFile};
+use pairstyle::library::{Library, StyleMeta};
+use pairstyle::lora::{
+    export_kohya, export_peft, ExportFormat, ExportInfo, LoadOptions, ModuleCatalog,
+};
+use pairstyle::trainer::{PairSpec, PairTrainer, TrainConfig};
 
 /// Learn an artistic style from one image pair and apply it to Stable Diffusion.
 #[derive(Debug, Parser)]
@@ -47,6 +53,80 @@ enum Command {
     },
     /// Print the effective configuration (defaults, file and flags merged) as TOML.
     Config,
+    /// Learn a style from one content/style image pair and register it in the library.
+    Train(TrainArgs),
+    /// Export a style as a LoRA file other tools load (kohya for A1111/ComfyUI, PEFT for diffusers).
+    Export(ExportArgs),
+    /// Work with the style library.
+    Styles {
+        #[command(subcommand)]
+        command: StylesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StylesCommand {
+    /// List the learned styles.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Library folder (default: [library] path).
+        #[arg(long)]
+        library: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct TrainArgs {
+    /// The un-stylised image.
+    #[arg(long)]
+    content: PathBuf,
+    /// The same image, stylised.
+    #[arg(long)]
+    style: PathBuf,
+    /// What the image shows, e.g. "dog" (prompt: "a photo of a sbu dog").
+    #[arg(long)]
+    subject: String,
+    /// The style in words, e.g. "watercolor" (prompt suffix: " in watercolor style").
+    #[arg(long = "style-desc")]
+    style_desc: String,
+    /// Name of the style in the library (default: the style image's file stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// Base model folder (diffusers layout); default: [model] path.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training iterations (default: [train] iterations).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Training seed (default: [train] seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Training resolution (default: [train] resolution).
+    #[arg(long)]
+    resolution: Option<usize>,
+    /// Library folder to register the style in (default: [library] path).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    /// Style name in the library.
+    style: String,
+    /// kohya (A1111, ComfyUI, Forge) or peft (diffusers).
+    #[arg(long, default_value = "kohya")]
+    format: String,
+    /// Output .safetensors file.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Base model folder, to name the layers (default: the model the style was trained on).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Library folder (default: [library] path).
+    #[arg(long)]
+    library: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,6 +161,18 @@ struct GenerateArgs {
     /// Output PNG path.
     #[arg(short, long)]
     output: PathBuf,
+    /// Apply a learned style with style guidance: NAME or NAME=λ (repeatable, to blend styles).
+    #[arg(long = "style", value_name = "NAME[=λ]")]
+    styles: Vec<String>,
+    /// First step (0-based) with style guidance (default: [style] from_step).
+    #[arg(long)]
+    style_from: Option<usize>,
+    /// Baseline instead of style guidance: ordinary CFG with the (single) style's LoRA at this scale.
+    #[arg(long, value_name = "ALPHA")]
+    lora_scale: Option<f64>,
+    /// Library folder (default: [library] path).
+    #[arg(long)]
+    library: Option<PathBuf>,
 }
 
 fn main() {
@@ -113,6 +205,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(&config, args),
         Command::Info { model } => info(&config, model.as_deref()),
+        Command::Train(args) => train(&config, args),
+        Command::Export(args) => export(&config, args),
+        Command::Styles { command } => styles(&config, command),
         Command::Config => {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
@@ -192,7 +287,7 @@ fn generate(config: &Config, args: GenerateArgs) -> Result<()> {
     let model =
         ModelDir::open(&path).with_context(|| format!("opening model {}", path.display()))?;
     let t0 = std::time::Instant::now();
-    let pipe = Pipeline::load(model, config.model.variant, dtype, &device)
+    let mut pipe = Pipeline::load(model, config.model.variant, dtype, &device)
         .with_context(|| format!("loading model {}", path.display()))?;
     eprintln!(
         "loaded {} ({:?}) in {:.1} s",
@@ -226,8 +321,14 @@ fn generate(config: &Config, args: GenerateArgs) -> Result<()> {
         height,
         scheduler,
     };
+    let library = Library::new(
+        args.library
+            .clone()
+            .unwrap_or_else(|| config.library.resolve()),
+    );
+    let guidance = style_guidance(config, &args, &library, &mut pipe)?;
     eprintln!("seed {seed}, {steps} steps, cfg {cfg}, {width}×{height}, scheduler {sched_name}");
-    let image = pipe.generate(&req, |p| {
+    let image = pipe.generate_guided(&req, &guidance, |p| {
         let per = p.elapsed_s / p.step as f64;
         let eta = per * (p.total - p.step) as f64;
         eprint!(
@@ -247,7 +348,11 @@ fn generate(config: &Config, args: GenerateArgs) -> Result<()> {
         model: path.display().to_string(),
         width: width as u32,
         height: height as u32,
-        extra: [("dtype".to_string(), serde_json::json!(config.runtime.dtype))].into(),
+        extra: [
+            ("dtype".to_string(), serde_json::json!(config.runtime.dtype)),
+            ("guidance".to_string(), guidance_json(&guidance)),
+        ]
+        .into(),
     };
     let rgb = image_io::tensor_to_rgb8(&image)?;
     image_io::save_png_with_text(
@@ -260,4 +365,274 @@ fn generate(config: &Config, args: GenerateArgs) -> Result<()> {
     .with_context(|| format!("writing {}", args.output.display()))?;
     println!("{}", args.output.display());
     Ok(())
+}
+
+/// Parse `NAME` or `NAME=λ`.
+fn parse_style_arg(arg: &str, default_lambda: f64) -> Result<(String, f64)> {
+    match arg.split_once('=') {
+        None => Ok((arg.to_string(), default_lambda)),
+        Some((name, l)) => {
+            let lambda: f64 = l
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--style {arg}: λ must be a number"))?;
+            if !lambda.is_finite() {
+                bail!("--style {arg}: λ must be finite");
+            }
+            Ok((name.to_string(), lambda))
+        }
+    }
+}
+
+/// Load the styles named on the command line, attach them, and build the guidance.
+fn style_guidance(
+    config: &Config,
+    args: &GenerateArgs,
+    library: &Library,
+    pipe: &mut Pipeline,
+) -> Result<Guidance> {
+    if args.styles.is_empty() {
+        if args.lora_scale.is_some() {
+            bail!("--lora-scale needs one --style");
+        }
+        return Ok(Guidance::Cfg);
+    }
+    let mut terms = Vec::new();
+    for arg in &args.styles {
+        let (name, lambda) = parse_style_arg(arg, f64::NAN)?;
+        let style = library
+            .load(&name, pipe.unet(), pipe.dtype(), pipe.device())
+            .with_context(|| format!("loading style {name:?} from {}", library.root().display()))?;
+        let lambda = if lambda.is_nan() {
+            style.meta.default_lambda
+        } else {
+            lambda
+        };
+        style.adapter.attach(pipe.unet_mut(), &name)?;
+        eprintln!(
+            "style {name}: λ = {lambda}, suffix {:?}",
+            style.meta.prompt_suffix
+        );
+        terms.push(StyleTerm {
+            adapter: name,
+            lambda,
+            suffix: style.meta.prompt_suffix.clone(),
+            scale: 1.0,
+        });
+    }
+    if let Some(alpha) = args.lora_scale {
+        if terms.len() != 1 {
+            bail!("--lora-scale takes exactly one --style");
+        }
+        let t = terms.remove(0);
+        return Ok(Guidance::LoraScale {
+            adapter: t.adapter,
+            alpha,
+            suffix: t.suffix,
+        });
+    }
+    Ok(Guidance::Styles {
+        styles: terms,
+        from_step: args.style_from.unwrap_or(config.style.from_step),
+    })
+}
+
+fn guidance_json(g: &Guidance) -> serde_json::Value {
+    match g {
+        Guidance::Cfg => serde_json::json!("cfg"),
+        Guidance::Styles { styles, from_step } => serde_json::json!({
+            "mode": "style",
+            "from_step": from_step,
+            "styles": styles.iter().map(|s| serde_json::json!({"name": s.adapter, "lambda": s.lambda, "suffix": s.suffix})).collect::<Vec<_>>(),
+        }),
+        Guidance::LoraScale {
+            adapter,
+            alpha,
+            suffix,
+        } => serde_json::json!({
+            "mode": "lora-scale", "style": adapter, "alpha": alpha, "suffix": suffix,
+        }),
+    }
+}
+
+/// sha256 over the pair's bytes, the training settings and the base model: a run's identity.
+fn run_fingerprint(spec: &PairSpec, cfg: &TrainConfig, model: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in [&spec.content, &spec.style] {
+        h.update(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+    }
+    h.update(serde_json::to_vec(cfg)?);
+    h.update(spec.subject.as_bytes());
+    h.update(spec.style_desc.as_bytes());
+    h.update(model.display().to_string().as_bytes());
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn train(config: &Config, args: TrainArgs) -> Result<()> {
+    let mut cfg = config.train.clone();
+    if let Some(n) = args.steps {
+        cfg.iterations = n;
+    }
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    if let Some(r) = args.resolution {
+        cfg.resolution = r;
+    }
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("training settings: {e}"))?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => args
+            .style
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "style".into()),
+    };
+    pairstyle::library::validate_name(&name)?;
+    let library = Library::new(args.out.clone().unwrap_or_else(|| config.library.resolve()));
+    if library.contains(&name) {
+        bail!(
+            "a style named {name:?} already exists in {}",
+            library.root().display()
+        );
+    }
+    let spec = PairSpec {
+        content: args.content.clone(),
+        style: args.style.clone(),
+        subject: args.subject.clone(),
+        style_desc: args.style_desc.clone(),
+    };
+    for p in [&spec.content, &spec.style] {
+        if !p.is_file() {
+            bail!("image {} does not exist", p.display());
+        }
+    }
+    let device = config.runtime.device.parse::<DeviceSpec>()?.resolve()?;
+    let dtype = config.runtime.dtype.parse::<DTypeSpec>()?.dtype();
+    let path = model_path(config, args.model.as_deref())?;
+    let model =
+        ModelDir::open(&path).with_context(|| format!("opening model {}", path.display()))?;
+    let mut pipe = Pipeline::load(model, config.model.variant, dtype, &device)
+        .with_context(|| format!("loading model {}", path.display()))?;
+    let fingerprint = run_fingerprint(&spec, &cfg, &path)?;
+    let ck_dir = library.checkpoint_dir();
+    std::fs::create_dir_all(&ck_dir).with_context(|| format!("creating {}", ck_dir.display()))?;
+    let ck_path = ck_dir.join(format!("{}.safetensors", &fingerprint[..16]));
+    let started = std::time::Instant::now();
+    let created_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut trainer = PairTrainer::new(&mut pipe, &spec, cfg.clone(), fingerprint)?;
+    let first = trainer.with_checkpoint(ck_path.clone())?;
+    if first > 0 {
+        println!("resuming from iteration {first} ({})", ck_path.display());
+    }
+    let total = cfg.iterations;
+    trainer.run(
+        |p| {
+            let eta = (p.total - p.iteration) as f64 / p.it_per_s.max(1e-9);
+            let style = p
+                .loss_style
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "iter {:>4}/{}  loss content {:.4}  style {}  {:.2} it/s  ETA {:.0} s",
+                p.iteration, p.total, p.loss_content, style, p.it_per_s, eta
+            );
+            let _ = std::io::stdout().flush();
+        },
+        || false,
+    )?;
+    let adapter = trainer.style_adapter().to_adapter_set()?;
+    drop(trainer);
+    let meta = StyleMeta {
+        name: name.clone(),
+        subject: spec.subject.clone(),
+        style_desc: spec.style_desc.clone(),
+        prompt_suffix: format!(" in {} style", spec.style_desc),
+        default_lambda: config.style.lambda,
+        base_model: path.display().to_string(),
+        rank: cfg.style_rank,
+        alpha: cfg.alpha_for(cfg.style_rank),
+        content_rank: cfg.content_rank,
+        seed: cfg.seed,
+        steps: total,
+        training_secs: started.elapsed().as_secs_f64(),
+        content_sha256: vec![pairstyle::library::sha256_file(&spec.content)?],
+        style_sha256: vec![pairstyle::library::sha256_file(&spec.style)?],
+        created_unix,
+    };
+    let dir = library.register(&meta, &adapter, &[spec.content.clone(), spec.style.clone()])?;
+    let _ = std::fs::remove_file(&ck_path);
+    println!("registered style {name} in {}", dir.display());
+    Ok(())
+}
+
+fn export(config: &Config, args: ExportArgs) -> Result<()> {
+    let library = Library::new(
+        args.library
+            .clone()
+            .unwrap_or_else(|| config.library.resolve()),
+    );
+    let meta = library.meta(&args.style)?;
+    let model_path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&meta.base_model));
+    let model = ModelDir::open(&model_path).with_context(|| {
+        format!(
+            "opening base model {} (pass --model DIR)",
+            model_path.display()
+        )
+    })?;
+    let unet_file: UNetConfigFile = model.config("unet")?;
+    let unet_cfg = UNetConfig::resolve(unet_file, &model.config_path("unet"))?;
+    let catalog = ModuleCatalog::from_config(&unet_cfg);
+    let opts = LoadOptions::default();
+    let loaded = pairstyle::lora::load(
+        &library
+            .style_dir(&args.style)
+            .join(pairstyle::library::STYLE_FILE),
+        &catalog,
+        &opts,
+    )?;
+    let mut info = ExportInfo::new(model.family()?, &args.style);
+    info.description = Some(format!(
+        "Pair Customization style \"{}\" learned from one {} image pair",
+        meta.style_desc, meta.subject
+    ));
+    info.trigger_phrase = Some(meta.prompt_suffix.trim().to_string());
+    info.steps = Some(meta.steps as u64);
+    info.seed = Some(meta.seed);
+    match args.format.parse::<ExportFormat>()? {
+        ExportFormat::Kohya => export_kohya(&loaded.set, &catalog, &info, &args.output)?,
+        ExportFormat::Peft => export_peft(&loaded.set, &info, &args.output)?,
+    }
+    println!("{}", args.output.display());
+    Ok(())
+}
+
+fn styles(config: &Config, command: StylesCommand) -> Result<()> {
+    match command {
+        StylesCommand::List { json, library } => {
+            let library = Library::new(library.unwrap_or_else(|| config.library.resolve()));
+            let all = library.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no styles in {}", library.root().display());
+            } else {
+                for s in all {
+                    println!(
+                        "{:<24} {:<20} λ {:<4} rank {:<3} {} steps",
+                        s.name, s.style_desc, s.default_lambda, s.rank, s.steps
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
 }

@@ -409,14 +409,24 @@ impl Pipeline {
         self.text.encode(prompts)
     }
 
-    /// Generate one image: returns the decoded image [1, 3, H, W] in [-1, 1].
+    /// Generate one image with plain CFG: returns the decoded image [1, 3, H, W] in [-1, 1].
     pub fn generate(
         &self,
         req: &GenerateRequest,
         on_step: impl FnMut(StepProgress),
     ) -> Result<Tensor> {
+        self.generate_guided(req, &Guidance::Cfg, on_step)
+    }
+
+    /// Generate one image with `guidance` (styles must already be attached to the UNet).
+    pub fn generate_guided(
+        &self,
+        req: &GenerateRequest,
+        guidance: &Guidance,
+        on_step: impl FnMut(StepProgress),
+    ) -> Result<Tensor> {
         let latents = self.initial_latents(req.seed, req.width, req.height)?;
-        let latents = self.denoise(req, latents, on_step)?;
+        let latents = self.denoise_guided(req, guidance, latents, on_step)?;
         self.vae.decode_scaled(&latents)
     }
 }

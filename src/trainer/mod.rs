@@ -35,6 +35,7 @@ use crate::engine::unet::{AddedCond, UNet};
 use crate::engine::vae::Posterior;
 use crate::error::{Error, Result};
 use crate::lora::orthogonal::{kaiming_down, OrthogonalBasis};
+use crate::lora::{AdapterSet, LayerAdapter};
 
 /// Adapter name of the content adapter while training.
 pub const CONTENT: &str = "content";
@@ -61,6 +62,25 @@ pub struct LearnedAdapter {
     pub rank: usize,
     /// Alpha (scale = alpha / rank).
     pub alpha: f64,
+}
+
+impl LearnedAdapter {
+    /// A detached copy as an [`AdapterSet`] (f32, CPU), ready to save or attach elsewhere.
+    pub fn to_adapter_set(&self) -> Result<AdapterSet> {
+        let mut set = AdapterSet::new(self.rank, self.alpha);
+        for l in &self.layers {
+            let to = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.detach()
+                    .to_dtype(DType::F32)?
+                    .to_device(&candle_core::Device::Cpu)?)
+            };
+            set.insert(
+                l.path.clone(),
+                LayerAdapter::new(to(l.down.as_tensor())?, to(l.up.as_tensor())?, self.alpha)?,
+            )?;
+        }
+        Ok(set)
+    }
 }
 
 /// Progress of one iteration, for printing and for the daemon's events.
