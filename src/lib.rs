@@ -8,6 +8,7 @@
 //! - [`error`]: the library's error type.
 //! - [`lora`]: LoRA adapters: orthonormal down-projections, adapter sets, style files, export.
 
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -57,6 +57,11 @@ enum Command {
     Train(TrainArgs),
     /// Export a style as a LoRA file other tools load (kohya for A1111/ComfyUI, PEFT for diffusers).
     Export(ExportArgs),
+    /// Print benchmark numbers (time per training iteration and per sampling step, peak memory).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Work with the style library.
     Styles {
         #[command(subcommand)]
@@ -74,6 +79,32 @@ enum StylesCommand {
         /// Library folder (default: [library] path).
         #[arg(long)]
         library: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Pair Customization costs: one training iteration (content + style step) and a sampling step
+    /// with 0 (plain CFG), 1, 2 and 4 styles, on a model folder's UNet or a real-size random one.
+    Method {
+        /// Model folder whose UNet to use (its real weights).
+        #[arg(long, conflicts_with = "size")]
+        model: Option<PathBuf>,
+        /// Or a real-size architecture with random weights: sd15 or sdxl.
+        #[arg(long)]
+        size: Option<String>,
+        /// Latent side (32 = 256 px for an 8× VAE).
+        #[arg(long, default_value_t = 32)]
+        latent: usize,
+        /// LoRA rank of both adapters.
+        #[arg(long, default_value_t = 64)]
+        rank: usize,
+        /// Timed repetitions per case (after one warm-up); the median is printed.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Style counts for the sampling cases.
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2,4")]
+        styles: Vec<usize>,
     },
 }
 
@@ -208,6 +239,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train(&config, args),
         Command::Export(args) => export(&config, args),
         Command::Styles { command } => styles(&config, command),
+        Command::Bench { command } => bench(&config, command),
         Command::Config => {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
@@ -635,4 +667,82 @@ fn styles(config: &Config, command: StylesCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn bench(config: &Config, command: BenchCommand) -> Result<()> {
+    let BenchCommand::Method {
+        model,
+        size,
+        latent,
+        rank,
+        reps,
+        styles,
+    } = command;
+    let device = config.runtime.device.parse::<DeviceSpec>()?.resolve()?;
+    let (label, mut unet) = match (model, size.as_deref()) {
+        (Some(dir), _) => {
+            let m =
+                ModelDir::open(&dir).with_context(|| format!("opening model {}", dir.display()))?;
+            let unet = pairstyle::engine::unet::UNet::load(
+                &m,
+                config.model.variant,
+                candle_core::DType::F32,
+                &device,
+            )?;
+            (dir.display().to_string(), unet)
+        }
+        (None, Some("sd15")) => (
+            "SD1.5-size UNet, random weights".to_string(),
+            pairstyle::bench::random_unet(
+                pairstyle::bench::SD15_UNET_CONFIG,
+                0,
+                candle_core::DType::F32,
+                &device,
+            )?,
+        ),
+        (None, Some("sdxl")) => (
+            "SDXL-size UNet, random weights".to_string(),
+            pairstyle::bench::random_unet(
+                pairstyle::bench::SDXL_UNET_CONFIG,
+                0,
+                candle_core::DType::F32,
+                &device,
+            )?,
+        ),
+        (None, Some(other)) => bail!("--size {other}: use sd15 or sdxl"),
+        (None, None) => bail!("pass --model DIR or --size sd15|sdxl"),
+    };
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        format!(
+            "{} (all)",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        )
+    });
+    println!("# {label}; latent {latent}x{latent}, batch 1 per branch, f32, rank {rank}, threads {threads}, median of {reps} after 1 warm-up");
+    let b = pairstyle::bench::MethodBench {
+        latent,
+        rank,
+        reps,
+        styles,
+    };
+    let rows = pairstyle::bench::run_method_bench(&mut unet, &b, &device)?;
+    let plain = rows
+        .iter()
+        .find(|r| r.case.contains("plain CFG"))
+        .map(|r| r.median_s);
+    println!("| case | s | × plain CFG step | peak RSS MiB |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        let ratio = match plain {
+            Some(p) if r.case.starts_with("sampling") => format!("{:.2}", r.median_s / p),
+            _ => "".into(),
+        };
+        println!(
+            "| {} | {:.3} | {} | {:.0} |",
+            r.case, r.median_s, ratio, r.peak_mib
+        );
+    }
+    Ok(())
 }

@@ -197,3 +197,24 @@ fn info_and_config_commands() {
         "flag must override the file: {stdout}"
     );
 }
+
+#[test]
+fn bench_method_runs_on_a_tiny_setting() {
+    let o = bin()
+        .args(["bench", "method", "--model"])
+        .arg(common::fixture("tiny-sd15"))
+        .args([
+            "--latent", "8", "--rank", "2", "--reps", "1", "--styles", "0,2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for case in [
+        "training iteration",
+        "plain CFG (batch 2)",
+        "2 style(s) (batch 4)",
+    ] {
+        assert!(stdout.contains(case), "{case} missing: {stdout}");
+    }
+}
