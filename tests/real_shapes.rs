@@ -13,10 +13,6 @@ use pairstyle::engine::nn::AdapterScales;
 use pairstyle::engine::unet::{AddedCond, UNet, UNetConfig, UNetConfigFile};
 use pairstyle::engine::weights::Weights;
 
-/// SD1.5's `unet/config.json` (runwayml/stable-diffusion-v1-5), as published.
-
-/// SDXL base 1.0's `unet/config.json`, as published.
-
 fn run(name: &str, json: &str, latent: usize, context_dim: usize, pooled: Option<usize>) {
     let file: UNetConfigFile = serde_json::from_str(json).unwrap();
     let cfg = UNetConfig::resolve(file, Path::new(name)).unwrap();

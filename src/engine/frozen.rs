@@ -28,7 +28,7 @@ use candle_core::{
 use crate::error::Result;
 
 /// `x·wᵀ + b` over the last axis of `x` (rank ≥ 2; leading axes folded into one matmul) with `w`
-/// [out, in] and `b` [out] frozen: backward yields a gradient for `x` only.
+/// [out, in] and `b` \[out\] frozen: backward yields a gradient for `x` only.
 ///
 /// The value equals the plain op's (same candle ops on the same data). When `w` or `b` tracks
 /// gradients itself, the plain op is used so that its gradient is not dropped.
@@ -41,7 +41,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 }
 
 /// A 2-D convolution of `x` [B, C_in, H, W] with the frozen `kernel` [C_out, C_in, kh, kw] and
-/// frozen `bias` [C_out] (dilation 1, one group): backward yields a gradient for `x` only.
+/// frozen `bias` \[C_out\] (dilation 1, one group): backward yields a gradient for `x` only.
 ///
 /// The value equals the plain op's (same candle ops on the same data). When `kernel` or `bias`
 /// tracks gradients itself, the plain op is used so that its gradient is not dropped.

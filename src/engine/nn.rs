@@ -66,6 +66,16 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Ten
     y.reshape(out_dims)
 }
 
+/// `x·wᵀ` for an adapter matrix: a trainable `w` keeps its gradient; a constant one (a frozen
+/// down-projection, or ContentLoRA held fixed in the style step) gets none.
+fn adapter_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !w.track_op() && x.track_op() {
+        frozen_linear(x, w, None)
+    } else {
+        Ok(linear(x, w, None)?)
+    }
+}
+
 /// One low-rank adapter on a linear layer: `Δy = scale · B(A·x)`.
 #[derive(Debug, Clone)]
 pub struct LowRankAdapter {
@@ -183,8 +193,8 @@ impl AdaptableLinear {
         let mut y = self.base.forward(x)?;
         for (name, ad) in &self.adapters {
             let Some(s) = scales.get(name) else { continue };
-            let h = linear(x, &ad.down, None)?;
-            let delta = linear(&h, &ad.up, None)?;
+            let h = adapter_matmul(x, &ad.down)?;
+            let delta = adapter_matmul(&h, &ad.up)?;
             let batch = x.dim(0)?;
             let s = (s.to_dtype(delta.dtype())? * ad.alpha_over_rank)?;
             let s = match s.rank() {
