@@ -110,15 +110,15 @@ enum BenchCommand {
 
 #[derive(Debug, clap::Args)]
 struct TrainArgs {
-    /// The un-stylised image.
-    #[arg(long)]
-    content: PathBuf,
-    /// The same image, stylised.
-    #[arg(long)]
-    style: PathBuf,
-    /// What the image shows, e.g. "dog" (prompt: "a photo of a sbu dog").
-    #[arg(long)]
-    subject: String,
+    /// The un-stylised image; repeat with --style for a multi-pair style (pairs match in order).
+    #[arg(long, required = true)]
+    content: Vec<PathBuf>,
+    /// The same image, stylised (one per --content).
+    #[arg(long, required = true)]
+    style: Vec<PathBuf>,
+    /// What the image shows, e.g. "dog" (prompt: "a photo of a sbu dog"); once, or once per pair.
+    #[arg(long, required = true)]
+    subject: Vec<String>,
     /// The style in words, e.g. "watercolor" (prompt suffix: " in watercolor style").
     #[arg(long = "style-desc")]
     style_desc: String,
@@ -487,16 +487,19 @@ fn guidance_json(g: &Guidance) -> serde_json::Value {
     }
 }
 
-/// sha256 over the pair's bytes, the training settings and the base model: a run's identity.
-fn run_fingerprint(spec: &PairSpec, cfg: &TrainConfig, model: &Path) -> Result<String> {
+/// sha256 over the pairs' bytes and wording, the training settings and the base model: a run's
+/// identity (a checkpoint is resumed only by the same run).
+fn run_fingerprint(specs: &[PairSpec], cfg: &TrainConfig, model: &Path) -> Result<String> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    for p in [&spec.content, &spec.style] {
-        h.update(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+    for spec in specs {
+        for p in [&spec.content, &spec.style] {
+            h.update(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+        }
+        h.update(spec.subject.as_bytes());
+        h.update(spec.style_desc.as_bytes());
     }
     h.update(serde_json::to_vec(cfg)?);
-    h.update(spec.subject.as_bytes());
-    h.update(spec.style_desc.as_bytes());
     h.update(model.display().to_string().as_bytes());
     Ok(format!("{:x}", h.finalize()))
 }
@@ -514,10 +517,22 @@ fn train(config: &Config, args: TrainArgs) -> Result<()> {
     }
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("training settings: {e}"))?;
+    if args.content.len() != args.style.len() {
+        bail!(
+            "{} --content but {} --style images: give one style image per content image",
+            args.content.len(),
+            args.style.len()
+        );
+    }
+    if args.subject.len() != 1 && args.subject.len() != args.content.len() {
+        bail!(
+            "give --subject once, or once per pair ({} pairs)",
+            args.content.len()
+        );
+    }
     let name = match &args.name {
         Some(n) => n.clone(),
-        None => args
-            .style
+        None => args.style[0]
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_else(|| "style".into()),
@@ -530,15 +545,19 @@ fn train(config: &Config, args: TrainArgs) -> Result<()> {
             library.root().display()
         );
     }
-    let spec = PairSpec {
-        content: args.content.clone(),
-        style: args.style.clone(),
-        subject: args.subject.clone(),
-        style_desc: args.style_desc.clone(),
-    };
-    for p in [&spec.content, &spec.style] {
-        if !p.is_file() {
-            bail!("image {} does not exist", p.display());
+    let specs: Vec<PairSpec> = (0..args.content.len())
+        .map(|i| PairSpec {
+            content: args.content[i].clone(),
+            style: args.style[i].clone(),
+            subject: args.subject.get(i).unwrap_or(&args.subject[0]).clone(),
+            style_desc: args.style_desc.clone(),
+        })
+        .collect();
+    for spec in &specs {
+        for p in [&spec.content, &spec.style] {
+            if !p.is_file() {
+                bail!("image {} does not exist", p.display());
+            }
         }
     }
     let device = config.runtime.device.parse::<DeviceSpec>()?.resolve()?;
@@ -548,7 +567,7 @@ fn train(config: &Config, args: TrainArgs) -> Result<()> {
         ModelDir::open(&path).with_context(|| format!("opening model {}", path.display()))?;
     let mut pipe = Pipeline::load(model, config.model.variant, dtype, &device)
         .with_context(|| format!("loading model {}", path.display()))?;
-    let fingerprint = run_fingerprint(&spec, &cfg, &path)?;
+    let fingerprint = run_fingerprint(&specs, &cfg, &path)?;
     let ck_dir = library.checkpoint_dir();
     std::fs::create_dir_all(&ck_dir).with_context(|| format!("creating {}", ck_dir.display()))?;
     let ck_path = ck_dir.join(format!("{}.safetensors", &fingerprint[..16]));
@@ -557,7 +576,7 @@ fn train(config: &Config, args: TrainArgs) -> Result<()> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let mut trainer = PairTrainer::new(&mut pipe, &spec, cfg.clone(), fingerprint)?;
+    let mut trainer = PairTrainer::new_multi(&mut pipe, &specs, cfg.clone(), fingerprint)?;
     let first = trainer.with_checkpoint(ck_path.clone())?;
     if first > 0 {
         println!("resuming from iteration {first} ({})", ck_path.display());
@@ -580,11 +599,17 @@ fn train(config: &Config, args: TrainArgs) -> Result<()> {
     )?;
     let adapter = trainer.style_adapter().to_adapter_set()?;
     drop(trainer);
+    let sha = |f: fn(&PairSpec) -> &PathBuf| -> Result<Vec<String>> {
+        specs
+            .iter()
+            .map(|p| Ok(pairstyle::library::sha256_file(f(p))?))
+            .collect()
+    };
     let meta = StyleMeta {
         name: name.clone(),
-        subject: spec.subject.clone(),
-        style_desc: spec.style_desc.clone(),
-        prompt_suffix: format!(" in {} style", spec.style_desc),
+        subject: args.subject.join(", "),
+        style_desc: args.style_desc.clone(),
+        prompt_suffix: format!(" in {} style", args.style_desc),
         default_lambda: config.style.lambda,
         base_model: path.display().to_string(),
         rank: cfg.style_rank,
@@ -593,11 +618,15 @@ fn train(config: &Config, args: TrainArgs) -> Result<()> {
         seed: cfg.seed,
         steps: total,
         training_secs: started.elapsed().as_secs_f64(),
-        content_sha256: vec![pairstyle::library::sha256_file(&spec.content)?],
-        style_sha256: vec![pairstyle::library::sha256_file(&spec.style)?],
+        content_sha256: sha(|p| &p.content)?,
+        style_sha256: sha(|p| &p.style)?,
         created_unix,
     };
-    let dir = library.register(&meta, &adapter, &[spec.content.clone(), spec.style.clone()])?;
+    let files: Vec<PathBuf> = specs
+        .iter()
+        .flat_map(|p| [p.content.clone(), p.style.clone()])
+        .collect();
+    let dir = library.register(&meta, &adapter, &files)?;
     let _ = std::fs::remove_file(&ck_path);
     println!("registered style {name} in {}", dir.display());
     Ok(())

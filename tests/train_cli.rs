@@ -237,3 +237,74 @@ fn killed_training_resumes_to_the_same_result() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn multi_pair_style_from_the_command_line() {
+    let dir = tmp("multi");
+    let (c1, s1) = make_pair(&dir);
+    let sub = dir.join("second");
+    std::fs::create_dir_all(&sub).unwrap();
+    let (c2, s2) = make_pair(&sub);
+    // A second, different pair: mirror it.
+    for p in [&c2, &s2] {
+        let img = image::open(p).unwrap().fliph();
+        img.save(p).unwrap();
+    }
+    let lib = dir.join("lib");
+    let model = common::fixture("tiny-sd15");
+    // Mismatched counts fail before any work.
+    let o = bin()
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--content")
+        .arg(&c1)
+        .arg("--content")
+        .arg(&c2)
+        .arg("--style")
+        .arg(&s1)
+        .args([
+            "--subject",
+            "disc",
+            "--style-desc",
+            "inverted poster",
+            "--out",
+        ])
+        .arg(&lib)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("one style image per content image")
+    );
+    let o = bin()
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--content")
+        .arg(&c1)
+        .arg("--content")
+        .arg(&c2)
+        .arg("--style")
+        .arg(&s1)
+        .arg("--style")
+        .arg(&s2)
+        .args([
+            "--subject",
+            "disc",
+            "--style-desc",
+            "inverted poster",
+            "--name",
+            "duo",
+            "--steps",
+            "4",
+            "--out",
+        ])
+        .arg(&lib)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta: toml::Value =
+        toml::from_str(&std::fs::read_to_string(lib.join("duo/style.toml")).unwrap()).unwrap();
+    assert_eq!(meta["content_sha256"].as_array().unwrap().len(), 2);
+    assert_eq!(std::fs::read_dir(lib.join("duo/pair")).unwrap().count(), 4);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -132,3 +132,113 @@ fn one_iteration_matches_reference_sd15() {
 fn one_iteration_matches_reference_sdxl() {
     check("tiny-sdxl");
 }
+
+/// Write a small generated pair (content: a disc; style: inverted and posterised) into `dir`.
+fn write_pair(dir: &std::path::Path, tag: &str, shift: u32) -> pairstyle::trainer::PairSpec {
+    use image::{Rgb, RgbImage};
+    let content = RgbImage::from_fn(20, 16, |x, y| {
+        let d = (x as i32 - (6 + shift) as i32).pow(2) + (y as i32 - 8).pow(2);
+        if d < 20 {
+            Rgb([30, 200, 60])
+        } else {
+            Rgb([(x * 12) as u8, 90, (y * 15) as u8])
+        }
+    });
+    let style = RgbImage::from_fn(20, 16, |x, y| {
+        Rgb(content.get_pixel(x, y).0.map(|v| (255 - v) / 64 * 64))
+    });
+    let (c, s) = (
+        dir.join(format!("{tag}.content.png")),
+        dir.join(format!("{tag}.style.png")),
+    );
+    content.save(&c).unwrap();
+    style.save(&s).unwrap();
+    pairstyle::trainer::PairSpec {
+        content: c,
+        style: s,
+        subject: format!("{tag} disc"),
+        style_desc: "inverted poster".into(),
+    }
+}
+
+#[test]
+fn multi_pair_training_keeps_every_adapter_orthogonal_and_trains_all() {
+    use pairstyle::engine::pipeline::Pipeline;
+    use pairstyle::trainer::{PairTrainer, TrainConfig};
+    let dir = std::env::temp_dir().join(format!("pairstyle-multi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let specs = vec![write_pair(&dir, "a", 0), write_pair(&dir, "b", 6)];
+    let md = ModelDir::open(common::fixture("tiny-sd15")).unwrap();
+    let mut pipe = Pipeline::load(md, Variant::Auto, DType::F32, &Device::Cpu).unwrap();
+    let cfg = TrainConfig {
+        iterations: 4,
+        style_start: 0,
+        lr: 1e-3,
+        content_rank: 4,
+        style_rank: 4,
+        resolution: 16,
+        checkpoint_every: 0,
+        ..TrainConfig::default()
+    };
+    // Too many pairs for the narrowest (16-wide) attention: a clear error, before any work.
+    let too_many = vec![specs[0].clone(); 4];
+    let err = PairTrainer::new_multi(&mut pipe, &too_many, cfg.clone(), "x".into())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("narrowest"), "{err}");
+
+    let mut tr = PairTrainer::new_multi(&mut pipe, &specs, cfg, "multi".into()).unwrap();
+    tr.run(|_| {}, || false).unwrap();
+    let (contents, style) = tr.adapters();
+    assert_eq!(contents.len(), 2);
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let mut worst = 0f32;
+    for i in 0..style.layers.len() {
+        let downs = [
+            &contents[0].layers[i].down,
+            &contents[1].layers[i].down,
+            &style.layers[i].down,
+        ];
+        for a in 0..3 {
+            for b in (a + 1)..3 {
+                let p = downs[a]
+                    .as_tensor()
+                    .matmul(&downs[b].as_tensor().t().unwrap())
+                    .unwrap();
+                worst = worst.max(
+                    p.abs()
+                        .unwrap()
+                        .max_keepdim(0)
+                        .unwrap()
+                        .max_keepdim(1)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()[0],
+                );
+            }
+        }
+    }
+    println!(
+        "multi-pair: worst |A_i·A_jᵀ| between the two ContentLoRAs and the StyleLoRA: {worst:.2e}"
+    );
+    assert!(worst < 1e-5);
+    for (name, a) in [
+        ("content 0", contents[0]),
+        ("content 1", contents[1]),
+        ("style", style),
+    ] {
+        let n: f32 = a.layers.iter().map(|l| norm(l.up.as_tensor())).sum();
+        assert!(n > 0.0, "{name} was never trained");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -217,9 +217,15 @@ impl Library {
             let text = toml::to_string_pretty(meta)
                 .map_err(|e| Error::InvalidArgument(format!("style.toml: {e}")))?;
             crate::engine::image_io::write_file_atomic(&tmp.join(STYLE_TOML), text.as_bytes())?;
-            for f in pair_files {
+            for (i, f) in pair_files.iter().enumerate() {
                 if let Some(name) = f.file_name() {
-                    let to = tmp.join("pair").join(name);
+                    let mut to = tmp.join("pair").join(name);
+                    if to.exists() {
+                        // Pairs from different folders may share file names: keep both.
+                        to = tmp
+                            .join("pair")
+                            .join(format!("{i}_{}", name.to_string_lossy()));
+                    }
                     std::fs::copy(f, &to).map_err(|e| Error::io(f, e))?;
                 }
             }

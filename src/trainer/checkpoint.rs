@@ -17,8 +17,8 @@ pub struct Checkpoint {
     pub fingerprint: String,
     /// The iteration to run next.
     pub next_iteration: usize,
-    /// Optimizer step counts (content, style).
-    pub steps: (u64, u64),
+    /// Optimizer step counts: one per ContentLoRA, then the StyleLoRA's.
+    pub steps: Vec<u64>,
     tensors: HashMap<String, Tensor>,
 }
 
@@ -38,10 +38,15 @@ fn var_names(prefix: &str, n_layers: usize, train_down: bool) -> Vec<String> {
 pub fn save(tr: &PairTrainer<'_>, path: &Path) -> Result<()> {
     let train_down = !tr.cfg.orthogonal;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (prefix, adapter, opt) in [
-        ("content", &tr.content, &tr.opt_content),
-        ("style", &tr.style, &tr.opt_style),
-    ] {
+    let mut parts: Vec<(String, &super::LearnedAdapter, &super::optimizer::AdamW)> = tr
+        .pairs
+        .iter()
+        .enumerate()
+        .map(|(k, p)| (format!("content{k}"), &p.content, &p.opt_content))
+        .collect();
+    parts.push(("style".to_string(), &tr.style, &tr.opt_style));
+    for (prefix, adapter, opt) in parts {
+        let prefix = prefix.as_str();
         let names = var_names(prefix, adapter.layers.len(), train_down);
         let vars: Vec<&Tensor> = adapter
             .layers
@@ -63,11 +68,13 @@ pub fn save(tr: &PairTrainer<'_>, path: &Path) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert("fingerprint".to_string(), tr.fingerprint.clone());
     meta.insert("next_iteration".to_string(), tr.next_iteration.to_string());
-    meta.insert(
-        "steps_content".to_string(),
-        tr.opt_content.steps().to_string(),
-    );
-    meta.insert("steps_style".to_string(), tr.opt_style.steps().to_string());
+    let steps: Vec<String> = tr
+        .pairs
+        .iter()
+        .map(|p| p.opt_content.steps().to_string())
+        .chain(std::iter::once(tr.opt_style.steps().to_string()))
+        .collect();
+    meta.insert("optimizer_steps".to_string(), steps.join(","));
     meta.insert("format".to_string(), "pairstyle-checkpoint-1".to_string());
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
         .map_err(|e| Error::Safetensors {
@@ -100,7 +107,16 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint {
         fingerprint: meta.get("fingerprint").cloned().unwrap_or_default(),
         next_iteration: num("next_iteration")? as usize,
-        steps: (num("steps_content")?, num("steps_style")?),
+        steps: meta
+            .get("optimizer_steps")
+            .map(|v| {
+                v.split(',')
+                    .map(|x| x.parse::<u64>())
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()
+            .map_err(|_| bad("bad optimizer_steps".into()))?
+            .ok_or_else(|| bad("missing optimizer_steps".into()))?,
         tensors,
     })
 }
@@ -118,10 +134,22 @@ pub fn restore(tr: &mut PairTrainer<'_>, ck: Checkpoint) -> Result<()> {
                 file: "<checkpoint>".into(),
             })
     };
-    for (prefix, adapter, opt) in [
-        ("content", &tr.content, &mut tr.opt_content),
-        ("style", &tr.style, &mut tr.opt_style),
-    ] {
+    if ck.steps.len() != tr.pairs.len() + 1 {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint has {} optimizers, the run {}",
+            ck.steps.len(),
+            tr.pairs.len() + 1
+        )));
+    }
+    let mut parts: Vec<(String, &super::LearnedAdapter, &mut super::optimizer::AdamW)> = tr
+        .pairs
+        .iter_mut()
+        .enumerate()
+        .map(|(k, p)| (format!("content{k}"), &p.content, &mut p.opt_content))
+        .collect();
+    parts.push(("style".to_string(), &tr.style, &mut tr.opt_style));
+    for (index, (prefix, adapter, opt)) in parts.into_iter().enumerate() {
+        let prefix = prefix.as_str();
         let names = var_names(prefix, adapter.layers.len(), train_down);
         let vars: Vec<&candle_core::Var> = adapter
             .layers
@@ -146,11 +174,7 @@ pub fn restore(tr: &mut PairTrainer<'_>, ck: Checkpoint) -> Result<()> {
                 .to_device(&device)?;
             moments.push((m, v));
         }
-        let steps = if prefix == "content" {
-            ck.steps.0
-        } else {
-            ck.steps.1
-        };
+        let steps = ck.steps[index];
         opt.restore(moments, steps)?;
     }
     tr.next_iteration = ck.next_iteration;

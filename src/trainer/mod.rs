@@ -1,4 +1,5 @@
-//! Pair Customization training: ContentLoRA and StyleLoRA learned jointly from one image pair.
+//! Pair Customization training: ContentLoRA and StyleLoRA learned jointly from one image pair
+//! (or several pairs of one style: one ContentLoRA per pair, a shared StyleLoRA).
 //!
 //! Each iteration (METHOD.md "Training"): both images are encoded with a fresh VAE posterior
 //! sample; one noise ε and one timestep t are shared by both; a content step trains ContentLoRA on
@@ -98,20 +99,27 @@ pub struct Progress {
     pub it_per_s: f64,
 }
 
-/// A training run in progress.
-pub struct PairTrainer<'p> {
-    pipe: &'p mut Pipeline,
-    cfg: TrainConfig,
+/// One training pair with its own prompts and its own ContentLoRA.
+struct PairState {
     pair: PreparedPair,
     cond_content: Conditioning,
     cond_style: Conditioning,
-    schedule: NoiseSchedule,
     content: LearnedAdapter,
-    style: LearnedAdapter,
     opt_content: AdamW,
+}
+
+/// A training run in progress: one or several pairs of the same style. Each pair has its own
+/// ContentLoRA (its content differs from the others'); the StyleLoRA is shared. Iteration `i`
+/// trains pair `i mod n`.
+pub struct PairTrainer<'p> {
+    pipe: &'p mut Pipeline,
+    cfg: TrainConfig,
+    pairs: Vec<PairState>,
+    schedule: NoiseSchedule,
+    style: LearnedAdapter,
     opt_style: AdamW,
     next_iteration: usize,
-    posteriors: HashMap<Augment, (Posterior, Posterior)>,
+    posteriors: HashMap<(usize, Augment), (Posterior, Posterior)>,
     checkpoint_path: Option<PathBuf>,
     fingerprint: String,
 }
@@ -131,17 +139,33 @@ fn params(adapter: &LearnedAdapter, train_down: bool) -> Vec<Var> {
 }
 
 impl<'p> PairTrainer<'p> {
-    /// Prepare a run: load and resize the pair, encode both prompts once, build both adapters
-    /// (orthonormal frozen A, zero B) and their optimizers. `fingerprint` identifies the pair,
-    /// settings and base model; a checkpoint with another fingerprint is never resumed.
+    /// Prepare a run on one pair (see [`PairTrainer::new_multi`]).
     pub fn new(
         pipe: &'p mut Pipeline,
         spec: &PairSpec,
         cfg: TrainConfig,
         fingerprint: String,
     ) -> Result<Self> {
+        Self::new_multi(pipe, std::slice::from_ref(spec), cfg, fingerprint)
+    }
+
+    /// Prepare a run: load and resize every pair, encode its two prompts once, build one
+    /// ContentLoRA per pair and the shared StyleLoRA (orthonormal frozen A: pair k's content rows
+    /// `[k·r_c, (k+1)·r_c)`, style rows after all content rows; zero B) and their optimizers.
+    /// `fingerprint` identifies pairs, settings and base model; a checkpoint with another
+    /// fingerprint is never resumed.
+    pub fn new_multi(
+        pipe: &'p mut Pipeline,
+        specs: &[PairSpec],
+        cfg: TrainConfig,
+        fingerprint: String,
+    ) -> Result<Self> {
         cfg.validate().map_err(Error::InvalidArgument)?;
-        let pair = PreparedPair::load(&spec.content, &spec.style, cfg.resolution)?;
+        if specs.is_empty() {
+            return Err(Error::InvalidArgument(
+                "training needs at least one pair".into(),
+            ));
+        }
         let f = pipe.vae_scale() * pipe.unet().config().downscale();
         if cfg.resolution % f != 0 {
             return Err(Error::InvalidArgument(format!(
@@ -149,66 +173,85 @@ impl<'p> PairTrainer<'p> {
                 cfg.resolution
             )));
         }
-        let cond_content = pipe.text().encode(&[cfg.content_prompt(&spec.subject)])?;
-        let cond_style = pipe
-            .text()
-            .encode(&[cfg.style_prompt(&spec.subject, &spec.style_desc)])?;
+        let n_pairs = specs.len();
+        let (rc, rs) = (cfg.content_rank, cfg.style_rank);
+        let narrowest = pipe
+            .unet()
+            .adaptable_linears()
+            .iter()
+            .map(|l| l.dims().0)
+            .min()
+            .unwrap_or(0);
+        if cfg.orthogonal && n_pairs * rc + rs > narrowest {
+            return Err(Error::InvalidArgument(format!(
+                "{n_pairs} pair(s) × content rank {rc} + style rank {rs} exceed the narrowest \
+                 attention width {narrowest}: lower content_rank or use fewer pairs"
+            )));
+        }
         let schedule = NoiseSchedule::new(pipe.scheduler_config())?;
         let dtype = pipe.unet().adaptable_linears()[0].weight_dtype();
         let device = pipe.device().clone();
         let basis = OrthogonalBasis::new(cfg.seed);
-        let (rc, rs) = (cfg.content_rank, cfg.style_rank);
-        let mut content = Vec::new();
-        let mut style = Vec::new();
-        for (i, lin) in pipe.unet().adaptable_linears().iter().enumerate() {
-            let (n_in, n_out) = lin.dims();
-            let (a_c, a_s) = if cfg.orthogonal {
-                (
-                    basis.content_rows(n_in, rc, dtype, &device)?,
-                    basis.style_rows(n_in, rc, rs, dtype, &device)?,
-                )
-            } else {
-                let s = cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
-                (
-                    kaiming_down(rc, n_in, s, dtype, &device)?,
-                    kaiming_down(rs, n_in, s ^ 0x5eed, dtype, &device)?,
-                )
-            };
-            let zeros = |r: usize| Tensor::zeros((n_out, r), dtype, &device);
-            content.push(LayerParams {
-                path: lin.path().to_string(),
-                down: Var::from_tensor(&a_c)?,
-                up: Var::from_tensor(&zeros(rc)?)?,
-            });
-            style.push(LayerParams {
-                path: lin.path().to_string(),
-                down: Var::from_tensor(&a_s)?,
-                up: Var::from_tensor(&zeros(rs)?)?,
-            });
-        }
-        let content = LearnedAdapter {
-            layers: content,
-            rank: rc,
-            alpha: cfg.alpha_for(rc),
-        };
-        let style = LearnedAdapter {
-            layers: style,
-            rank: rs,
-            alpha: cfg.alpha_for(rs),
+        let widths: Vec<(String, usize, usize)> = pipe
+            .unet()
+            .adaptable_linears()
+            .iter()
+            .map(|l| (l.path().to_string(), l.dims().0, l.dims().1))
+            .collect();
+        // `which` = pair index for a ContentLoRA, n_pairs for the StyleLoRA.
+        let build = |which: usize, rank: usize| -> Result<LearnedAdapter> {
+            let mut layers = Vec::with_capacity(widths.len());
+            for (i, (path, n_in, n_out)) in widths.iter().enumerate() {
+                let down = if cfg.orthogonal {
+                    basis.rows(*n_in, which * rc, rank, dtype, &device)?
+                } else {
+                    let s = cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
+                    kaiming_down(
+                        rank,
+                        *n_in,
+                        s ^ (which as u64).wrapping_mul(0x5eed),
+                        dtype,
+                        &device,
+                    )?
+                };
+                layers.push(LayerParams {
+                    path: path.clone(),
+                    down: Var::from_tensor(&down)?,
+                    up: Var::from_tensor(&Tensor::zeros((*n_out, rank), dtype, &device)?)?,
+                });
+            }
+            Ok(LearnedAdapter {
+                layers,
+                rank,
+                alpha: cfg.alpha_for(rank),
+            })
         };
         let train_down = !cfg.orthogonal;
-        let opt_content = AdamW::new(params(&content, train_down), cfg.adamw())?;
+        let mut pairs = Vec::with_capacity(n_pairs);
+        for (k, spec) in specs.iter().enumerate() {
+            let pair = PreparedPair::load(&spec.content, &spec.style, cfg.resolution)?;
+            let cond_content = pipe.text().encode(&[cfg.content_prompt(&spec.subject)])?;
+            let cond_style = pipe
+                .text()
+                .encode(&[cfg.style_prompt(&spec.subject, &spec.style_desc)])?;
+            let content = build(k, rc)?;
+            let opt_content = AdamW::new(params(&content, train_down), cfg.adamw())?;
+            pairs.push(PairState {
+                pair,
+                cond_content,
+                cond_style,
+                content,
+                opt_content,
+            });
+        }
+        let style = build(n_pairs, rs)?;
         let opt_style = AdamW::new(params(&style, train_down), cfg.adamw())?;
         Ok(Self {
             pipe,
             cfg,
-            pair,
-            cond_content,
-            cond_style,
+            pairs,
             schedule,
-            content,
             style,
-            opt_content,
             opt_style,
             next_iteration: 0,
             posteriors: HashMap::new(),
@@ -250,9 +293,9 @@ impl<'p> PairTrainer<'p> {
         &self.cfg
     }
 
-    /// The adapters being trained (content, style).
-    pub fn adapters(&self) -> (&LearnedAdapter, &LearnedAdapter) {
-        (&self.content, &self.style)
+    /// The adapters being trained: one ContentLoRA per pair, and the StyleLoRA.
+    pub fn adapters(&self) -> (Vec<&LearnedAdapter>, &LearnedAdapter) {
+        (self.pairs.iter().map(|p| &p.content).collect(), &self.style)
     }
 
     /// Remove both training adapters from the UNet (the pipeline is usable as a base model again).
@@ -260,14 +303,14 @@ impl<'p> PairTrainer<'p> {
         detach_adapters(self.pipe.unet_mut());
     }
 
-    fn added(&self, cond: &Conditioning, image: usize) -> Result<Option<AddedCond>> {
+    fn added(&self, k: usize, cond: &Conditioning, image: usize) -> Result<Option<AddedCond>> {
         if self.pipe.family() != ModelFamily::Sdxl {
             return Ok(None);
         }
         let pooled = cond.pooled.clone().ok_or_else(|| {
             Error::InvalidArgument("SDXL conditioning without pooled embeddings".into())
         })?;
-        let (h, w) = self.pair.original_sizes[image];
+        let (h, w) = self.pairs[k].pair.original_sizes[image];
         let r = self.cfg.resolution as f32;
         let ids = Tensor::new(&[[h as f32, w as f32, 0.0, 0.0, r, r]], self.pipe.device())?
             .to_dtype(pooled.dtype())?;
@@ -278,16 +321,16 @@ impl<'p> PairTrainer<'p> {
     }
 
     /// Posteriors of both crops for this augmentation (cached: the encoder is deterministic).
-    fn posteriors(&mut self, aug: Augment) -> Result<(Posterior, Posterior)> {
-        if let Some(p) = self.posteriors.get(&aug) {
+    fn posteriors(&mut self, k: usize, aug: Augment) -> Result<(Posterior, Posterior)> {
+        if let Some(p) = self.posteriors.get(&(k, aug)) {
             return Ok(p.clone());
         }
-        let (c, s) = self.pair.tensors(aug, self.pipe.device())?;
+        let (c, s) = self.pairs[k].pair.tensors(aug, self.pipe.device())?;
         let vae = self.pipe.vae();
         let p = (vae.encode(&c)?, vae.encode(&s)?);
         // Bound the cache: random crops of a non-square image could otherwise grow it.
         if self.posteriors.len() < 64 {
-            self.posteriors.insert(aug, p.clone());
+            self.posteriors.insert((k, aug), p.clone());
         }
         Ok(p)
     }
@@ -299,14 +342,15 @@ impl<'p> PairTrainer<'p> {
             return Err(Error::InvalidArgument("training already finished".into()));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(iteration_seed(self.cfg.seed, it));
-        let aug = self.pair.draw_augment(&mut rng, self.cfg.flip_p)?;
+        let k = it % self.pairs.len();
+        let aug = self.pairs[k].pair.draw_augment(&mut rng, self.cfg.flip_p)?;
         let t = rng.random_range(0..self.schedule.num_train_timesteps());
         let mut noise_src = NoiseSource::new(rng.random());
-        let (pc, ps) = self.posteriors(aug)?;
+        let (pc, ps) = self.posteriors(k, aug)?;
         let vae = self.pipe.vae();
         let x0_c = vae.scale_latents(&pc.sample(&mut noise_src)?)?;
         let x0_s = vae.scale_latents(&ps.sample(&mut noise_src)?)?;
-        let dtype = self.content.layers[0].up.dtype();
+        let dtype = self.style.layers[0].up.dtype();
         let (x0_c, x0_s) = (x0_c.to_dtype(dtype)?, x0_s.to_dtype(dtype)?);
         let eps = noise_src.randn(x0_c.dims(), dtype, self.pipe.device())?;
         let inputs = IterationInputs {
@@ -314,16 +358,19 @@ impl<'p> PairTrainer<'p> {
             x0_style: x0_s,
             noise: eps,
             t,
-            added_content: self.added(&self.cond_content, 0)?,
-            added_style: self.added(&self.cond_style, 1)?,
-            cond_content: self.cond_content.clone(),
-            cond_style: self.cond_style.clone(),
+            added_content: self.added(k, &self.pairs[k].cond_content, 0)?,
+            added_style: self.added(k, &self.pairs[k].cond_style, 1)?,
+            cond_content: self.pairs[k].cond_content.clone(),
+            cond_style: self.pairs[k].cond_style.clone(),
             style_step: it >= self.cfg.style_start,
         };
         let losses = train_iteration(
             self.pipe.unet_mut(),
             &self.schedule,
-            (&self.content, &mut self.opt_content),
+            {
+                let p = &mut self.pairs[k];
+                (&p.content, &mut p.opt_content)
+            },
             (&self.style, &mut self.opt_style),
             &inputs,
         );
