@@ -157,15 +157,7 @@ impl Default for LogConfig {
 impl Config {
     /// Parse a config file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::MissingFile {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                Error::io(path, e)
-            }
-        })?;
+        let text = crate::error::read_to_string(path)?;
         toml::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
     }
 

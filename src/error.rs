@@ -110,6 +110,18 @@ impl Error {
         }
     }
 
+    /// Wrap an I/O error on `path`: a missing file becomes [`Error::MissingFile`], anything else
+    /// [`Error::Io`].
+    pub fn from_io(path: &std::path::Path, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingFile {
+                path: path.to_path_buf(),
+            }
+        } else {
+            Error::io(path, source)
+        }
+    }
+
     /// A config problem in `path`.
     pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Config {
@@ -117,4 +129,9 @@ impl Error {
             message: message.into(),
         }
     }
+}
+
+/// Read a whole text file, naming it in the error (missing → [`Error::MissingFile`]).
+pub fn read_to_string(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::from_io(path, e))
 }

@@ -200,14 +200,6 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
 
 /// Read and parse a JSON file; a missing file is `MissingFile`, a bad one is `Config`.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::MissingFile {
-                path: path.to_path_buf(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })?;
+    let text = crate::error::read_to_string(path)?;
     serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
 }

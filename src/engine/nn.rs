@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, D};
 
-use super::frozen::{frozen_conv2d, frozen_linear};
+use super::frozen::{frozen_conv2d, frozen_linear, plain_linear as linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -48,22 +48,6 @@ impl Linear {
             Ok(linear(x, &self.weight, self.bias.as_ref())?)
         }
     }
-}
-
-/// `x·wᵀ + b` for `x` of rank 2, 3 or 4, folding leading axes into one matmul.
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let dims = x.dims();
-    let in_dim = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out_dims = dims.to_vec();
-    let last = out_dims.len() - 1;
-    out_dims[last] = w.dim(0)?;
-    y.reshape(out_dims)
 }
 
 /// `x·wᵀ` for an adapter matrix: a trainable `w` keeps its gradient; a constant one (a frozen

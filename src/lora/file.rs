@@ -171,15 +171,7 @@ fn lora_err(path: &Path, message: String) -> Error {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::MissingFile {
-                path: path.to_path_buf(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })
+    std::fs::read(path).map_err(|e| Error::from_io(path, e))
 }
 
 /// Write `tensors` (any dtype/device; converted to contiguous CPU tensors) with `metadata` as a
@@ -210,15 +202,7 @@ pub fn write_safetensors(
 
 /// The `__metadata__` of a safetensors file, reading only its header (cheap for listing styles).
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
-    let mut f = std::fs::File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::MissingFile {
-                path: path.to_path_buf(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::from_io(path, e))?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut n = [0u8; 8];
     f.read_exact(&mut n)

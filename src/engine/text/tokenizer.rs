@@ -312,15 +312,7 @@ fn vocab_from_object(obj: &Map<String, Value>, path: &Path) -> Result<Vocab> {
 /// `merges.txt`: one `left right` pair a line; lines starting with `#version` and blank lines
 /// are skipped (the `tokenizers` library's reader, which transformers 5.x uses).
 fn read_merges(path: &Path) -> Result<Merges> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::MissingFile {
-                path: path.to_path_buf(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })?;
+    let text = crate::error::read_to_string(path)?;
     let mut merges = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
