@@ -308,3 +308,25 @@ fn multi_pair_style_from_the_command_line() {
     assert_eq!(std::fs::read_dir(lib.join("duo/pair")).unwrap().count(), 4);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn corrupt_or_missing_images_fail_clearly_and_register_nothing() {
+    let dir = tmp("bad");
+    let (c, s) = make_pair(&dir);
+    let lib = dir.join("lib");
+    let model = common::fixture("tiny-sd15");
+    // Truncate the content PNG to half its bytes.
+    let bytes = std::fs::read(&c).unwrap();
+    let broken = dir.join("broken.png");
+    std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
+    let o = train_cmd(&model, &broken, &s, &lib).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("broken.png"), "{err}");
+    let o = train_cmd(&model, &dir.join("missing.png"), &s, &lib)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("missing.png"), "{err}");
+    assert!(!lib.join("inv").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

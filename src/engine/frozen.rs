@@ -69,7 +69,11 @@ pub fn frozen_conv2d(
 
 /// `x·wᵀ + b` over the last axis of `x` (rank ≥ 2), folding leading axes into one matmul: the
 /// plain op every layer uses when no gradient is tracked.
-pub(crate) fn plain_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+pub(crate) fn plain_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     if dims.len() < 2 {
         candle_core::bail!("linear: input of rank {} (need ≥ 2)", dims.len());
