@@ -7,6 +7,7 @@
 //! - [`config`]: the TOML configuration shared by every command.
 //! - [`error`]: the library's error type.
 //! - [`lora`]: LoRA adapters: orthonormal down-projections, adapter sets, style files, export.
+//! - [`toy`]: a synthetic world (scenes, captions, exact style transforms) with ground truth.
 
 pub mod bench;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod library;
 pub mod lora;
+pub mod toy;
 pub mod trainer;
 
 pub use error::{Error, Result};
