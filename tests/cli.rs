@@ -9,20 +9,11 @@ use std::process::Command;
 use pairstyle::engine::image_io::read_png_text;
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pairstyle"));
-    // Do not pick up a developer's own config file.
-    c.env(
-        "PAIRSTYLE_CONFIG",
-        common::fixture("../../config/pairstyle.toml"),
-    );
-    c
+    common::pairstyle_cmd("../../config/pairstyle.toml")
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pairstyle-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch_dir("cli", name)
 }
 
 #[test]

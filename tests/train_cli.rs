@@ -11,19 +11,11 @@ use std::process::{Command, Stdio};
 use image::{Rgb, RgbImage};
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pairstyle"));
-    c.env(
-        "PAIRSTYLE_CONFIG",
-        common::fixture("configs/tiny-train.toml"),
-    );
-    c
+    common::pairstyle_cmd("configs/tiny-train.toml")
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pairstyle-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch_dir("train", name)
 }
 
 /// A 24×20 content image (a disc on a gradient) and its "stylised" version (inverted, posterised).

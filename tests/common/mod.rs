@@ -69,3 +69,19 @@ pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tol: f64) {
         "{what}: max relative error {e:.3e} exceeds {tol:.0e}"
     );
 }
+
+/// The `pairstyle` binary with `$PAIRSTYLE_CONFIG` set to `config` (relative to `tests/fixtures`),
+/// so a developer's own config file never leaks into a test.
+pub fn pairstyle_cmd(config: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pairstyle"));
+    c.env("PAIRSTYLE_CONFIG", fixture(config));
+    c
+}
+
+/// An empty scratch folder `<tmp>/pairstyle-<suite>-<pid>-<name>`.
+pub fn scratch_dir(suite: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pairstyle-{suite}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
