@@ -30,6 +30,8 @@ pub struct Config {
     pub train: crate::trainer::TrainConfig,
     /// Style-guidance defaults.
     pub style: StyleConfig,
+    /// The daemon: state and socket locations, drop-folder rules, input limits.
+    pub daemon: crate::daemon::DaemonConfig,
 }
 
 /// `[library]`: the style library.
@@ -76,7 +78,7 @@ impl Default for StyleConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Path of a diffusers model folder; empty means none configured.
+    /// Path of a diffusers model folder; empty means the embedded toy model.
     pub path: String,
     /// Which weight files to prefer: `auto`, `fp32` or `fp16`.
     pub variant: Variant,

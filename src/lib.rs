@@ -5,17 +5,23 @@
 //! - [`engine`]: the diffusion engine (model folders, tokenizer, text encoders, UNet, VAE,
 //!   schedulers, the sampling pipeline). It knows nothing of the daemon or the terminal.
 //! - [`config`]: the TOML configuration shared by every command.
+//! - [`daemon`]: the drop-folder daemon: pair intake, crash-safe job journal, IPC server, worker.
 //! - [`error`]: the library's error type.
+//! - [`generate`]: text-to-image with styles as one call: request → PNG with its settings.
 //! - [`lora`]: LoRA adapters: orthonormal down-projections, adapter sets, style files, export.
+//! - [`tui`]: the terminal UI: styles, jobs, blended generation, the drop folder, over IPC.
 //! - [`toy`]: a synthetic world (scenes, captions, exact style transforms) with ground truth.
 
 pub mod bench;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod error;
+pub mod generate;
 pub mod library;
 pub mod lora;
 pub mod toy;
 pub mod trainer;
+pub mod tui;
 
 pub use error::{Error, Result};

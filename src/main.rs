@@ -10,15 +10,13 @@ use clap::{Parser, Subcommand};
 
 use pairstyle::config::Config;
 use pairstyle::engine::device::{DTypeSpec, DeviceSpec};
-use pairstyle::engine::image_io::{self, GenerationMeta};
+use pairstyle::engine::image_io;
 use pairstyle::engine::model_dir::ModelDir;
-use pairstyle::engine::pipeline::{GenerateRequest, Guidance, Pipeline, StyleTerm};
+use pairstyle::engine::pipeline::Pipeline;
 use pairstyle::engine::scheduler::{SchedulerConfig, SchedulerKind};
-use pairstyle::engine::unet::{UNetConfig, UNetConfigFile};
+use pairstyle::generate::{GenerateError, GenerationRequest, StyleWeight};
 use pairstyle::library::{Library, StyleMeta};
-use pairstyle::lora::{
-    export_kohya, export_peft, ExportFormat, ExportInfo, LoadOptions, ModuleCatalog,
-};
+use pairstyle::lora::ExportFormat;
 use pairstyle::trainer::{PairSpec, PairTrainer, TrainConfig};
 
 /// Learn an artistic style from one image pair and apply it to Stable Diffusion.
@@ -37,8 +35,9 @@ struct Cli {
     /// Log filter (e.g. debug); overrides [log] level.
     #[arg(long, global = true)]
     log: Option<String>,
+    /// Without a command: the terminal UI (`pairstyle tui`).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,7 +56,8 @@ enum Command {
     Train(TrainArgs),
     /// Export a style as a LoRA file other tools load (kohya for A1111/ComfyUI, PEFT for diffusers).
     Export(ExportArgs),
-    /// Print benchmark numbers (time per training iteration and per sampling step, peak memory).
+    /// Print benchmark numbers: Pair Customization against its baselines with ground truth, the
+    /// toy model's quality bars, and the cost of training iterations and sampling steps.
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
@@ -72,6 +72,31 @@ enum Command {
         #[command(subcommand)]
         command: ToyCommand,
     },
+    /// Run the daemon: train image pairs dropped into the watch folder, serve the IPC socket.
+    Daemon {
+        /// Drop folder (default: [daemon] watch, else <state dir>/watch).
+        #[arg(long)]
+        watch: Option<PathBuf>,
+        /// Base model folder for training (default: [model] path).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// The terminal UI (also what `pairstyle` alone opens): styles, jobs, blended generation and
+    /// the drop folder. Starts a daemon inside this process when none answers on the socket.
+    Tui {
+        /// Drop folder for a daemon started here (default: [daemon] watch).
+        #[arg(long)]
+        watch: Option<PathBuf>,
+        /// Base model folder for a daemon started here (default: [model] path).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Ask the running daemon about itself, its devices and its job queue.
+    Status {
+        /// Print JSON ({"daemon": ..., "jobs": [...]}) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,17 +106,55 @@ enum StylesCommand {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
-        /// Library folder (default: [library] path).
+        /// Library folder (default: [library] path, else the daemon's <state dir>/styles).
         #[arg(long)]
         library: Option<PathBuf>,
     },
+    /// Show one style: its description, provenance, files and previews.
+    Show {
+        /// Style name.
+        name: String,
+        /// Print JSON (the style.toml facts plus its folder and files) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Library folder (default: [library] path, else the daemon's <state dir>/styles).
+        #[arg(long)]
+        library: Option<PathBuf>,
+    },
+    /// Rename a style (its folder, style.toml and the adapter's metadata).
+    Rename {
+        /// Current name.
+        from: String,
+        /// New name.
+        to: String,
+        /// Library folder (default: [library] path, else the daemon's <state dir>/styles).
+        #[arg(long)]
+        library: Option<PathBuf>,
+    },
+    /// Move a style to the trash folder (<state dir>/trash); nothing is deleted.
+    Remove {
+        /// Style name.
+        name: String,
+        /// Library folder (default: [library] path, else the daemon's <state dir>/styles).
+        #[arg(long)]
+        library: Option<PathBuf>,
+    },
+    /// Export a style as a LoRA file (the same as `pairstyle export`).
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Pair Customization against its baselines on the synthetic world, with exact ground truth:
+    /// for each style transform, train on ONE pair, generate for held-out prompts and seeds, and
+    /// write a Markdown + CSV table and contact sheets to --out.
+    Method(MethodBenchArgs),
+    /// The toy model's quality bars: prompt accuracy on held-out prompts (read by the analyser)
+    /// and VAE reconstruction PSNR on held-out scenes.
+    ToyModel(ToyModelBenchArgs),
     /// Pair Customization costs: one training iteration (content + style step) and a sampling step
     /// with 0 (plain CFG), 1, 2 and 4 styles, on a model folder's UNet or a real-size random one.
-    Method {
+    Cost {
         /// Model folder whose UNet to use (its real weights).
         #[arg(long, conflicts_with = "size")]
         model: Option<PathBuf>,
@@ -111,6 +174,66 @@ enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "0,1,2,4")]
         styles: Vec<usize>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct MethodBenchArgs {
+    /// Model folder (default: [model] path, else the embedded toy model). Its world must be the
+    /// synthetic world, since the analyser reads the outputs.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Output folder for table.md, table.csv, sheet.png and sheet-<style>.png.
+    #[arg(long, default_value = "bench-method")]
+    out: PathBuf,
+    /// A setting that runs in minutes (2 styles, 1 prompt per category, 1 seed, few steps).
+    #[arg(long)]
+    quick: bool,
+    /// Styles to learn (default: all eight, or two with --quick).
+    #[arg(long, value_delimiter = ',')]
+    styles: Vec<String>,
+    /// Prompts per category (same shape / different shape).
+    #[arg(long)]
+    prompts: Option<usize>,
+    /// Seeds per prompt.
+    #[arg(long)]
+    seeds: Option<usize>,
+    /// Denoising steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Training iterations per method (the style step starts after a quarter of them).
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// Style guidance weight λ.
+    #[arg(long)]
+    lambda: Option<f64>,
+    /// LoRA scale of the LoRA-scale baselines.
+    #[arg(long)]
+    lora_scale: Option<f64>,
+    /// Pairs of the multi-pair row (below 2 skips it).
+    #[arg(long)]
+    multi_pairs: Option<usize>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ToyModelBenchArgs {
+    /// Model folder (default: [model] path, else the embedded toy model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Held-out prompts to generate and analyse.
+    #[arg(long, default_value_t = 200)]
+    prompts: usize,
+    /// Held-out scenes through the VAE.
+    #[arg(long, default_value_t = 200)]
+    vae_scenes: usize,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 25)]
+    steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 4.0)]
+    cfg: f64,
+    /// Folder for a contact sheet of samples (samples.png).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -206,7 +329,7 @@ struct GenerateArgs {
     /// Baseline instead of style guidance: ordinary CFG with the (single) style's LoRA at this scale.
     #[arg(long, value_name = "ALPHA")]
     lora_scale: Option<f64>,
-    /// Library folder (default: [library] path).
+    /// Library folder (default: [library] path, else the daemon's <state dir>/styles).
     #[arg(long)]
     library: Option<PathBuf>,
 }
@@ -230,7 +353,16 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(l) = &cli.log {
         config.log.level = l.clone();
     }
-    init_logging(&config.log.level);
+    let command = cli.command.unwrap_or(Command::Tui {
+        watch: None,
+        model: None,
+    });
+    if let Command::Tui { .. } = &command {
+        // The screen belongs to the UI: log to a file instead of stderr.
+        init_file_logging(&config)?;
+    } else {
+        init_logging(&config.log.level);
+    }
     if let Some(src) = &source {
         tracing::debug!("config from {}", src.display());
     }
@@ -238,7 +370,7 @@ fn run(cli: Cli) -> Result<()> {
         // candle sizes its CPU thread pools from RAYON_NUM_THREADS; set it before any tensor work.
         std::env::set_var("RAYON_NUM_THREADS", config.runtime.threads.to_string());
     }
-    match cli.command {
+    match command {
         Command::Generate(args) => generate(&config, args),
         Command::Info { model } => info(&config, model.as_deref()),
         Command::Train(args) => train(&config, args),
@@ -246,11 +378,110 @@ fn run(cli: Cli) -> Result<()> {
         Command::Styles { command } => styles(&config, command),
         Command::Bench { command } => bench(&config, command),
         Command::Toy { command } => toy(command),
+        Command::Daemon { watch, model } => daemon(config.clone(), watch, model.as_deref()),
+        Command::Status { json } => status(&config, json),
+        Command::Tui { watch, model } => tui(config.clone(), watch, model.as_deref()),
         Command::Config => {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
         }
     }
+}
+
+fn daemon(mut config: Config, watch: Option<PathBuf>, model: Option<&Path>) -> Result<()> {
+    if let Some(w) = watch {
+        config.daemon.watch = w.display().to_string();
+    }
+    let model = model_path(&config, model)?;
+    pairstyle::daemon::service::run(config, model)?;
+    Ok(())
+}
+
+fn status(config: &Config, json: bool) -> Result<()> {
+    use pairstyle::daemon::protocol::{ReplyBody, Request};
+    let paths = pairstyle::daemon::paths::DaemonPaths::resolve(&config.daemon, &config.library)?;
+    let mut client = pairstyle::daemon::server::Client::connect(
+        &paths.socket,
+        "pairstyle status",
+        std::time::Duration::from_secs(10),
+    )
+    .with_context(|| format!("no daemon answers on {}", paths.socket.display()))?;
+    let report = match client.request(Request::Status)? {
+        Ok(ReplyBody::Status(s)) => s,
+        Ok(other) => bail!("unexpected reply from the daemon: {other:?}"),
+        Err((_, message)) => bail!("the daemon refused: {message}"),
+    };
+    let jobs = match client.request(Request::ListJobs)? {
+        Ok(ReplyBody::Jobs { jobs }) => jobs,
+        Ok(other) => bail!("unexpected reply from the daemon: {other:?}"),
+        Err((_, message)) => bail!("the daemon refused: {message}"),
+    };
+    if json {
+        let value = serde_json::json!({ "daemon": report, "jobs": jobs });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!(
+            "{}",
+            pairstyle::daemon::status::format_status(&report, &jobs)
+        );
+    }
+    Ok(())
+}
+
+/// `pairstyle tui`: connect to the daemon, or start one in this process when none answers.
+fn tui(mut config: Config, watch: Option<PathBuf>, model: Option<&Path>) -> Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        bail!(
+            "the terminal UI needs a terminal (stdin and stdout are not one); \
+             `pairstyle --help` lists the other commands"
+        );
+    }
+    if let Some(w) = watch {
+        config.daemon.watch = w.display().to_string();
+    }
+    let paths = pairstyle::daemon::paths::DaemonPaths::resolve(&config.daemon, &config.library)?;
+    let embedded = if pairstyle::tui::daemon_answers(&paths.socket) {
+        None
+    } else {
+        let model = model_path(&config, model)?;
+        let daemon = pairstyle::daemon::embedded::EmbeddedDaemon::start(config.clone(), model)
+            .context("starting a daemon in this process (none answered on the socket)")?;
+        Some(daemon)
+    };
+    let result = pairstyle::tui::run(pairstyle::tui::TuiOptions {
+        config,
+        socket: paths.socket.clone(),
+        embedded: embedded.is_some(),
+    });
+    if let Some(daemon) = embedded {
+        eprintln!("stopping the embedded daemon (a running job resumes at the next start)…");
+        daemon.shutdown();
+    }
+    result?;
+    Ok(())
+}
+
+/// Logging for the terminal UI: into `<state dir>/tui.log`, since the screen is the UI's.
+fn init_file_logging(config: &Config) -> Result<()> {
+    let paths = pairstyle::daemon::paths::DaemonPaths::resolve(&config.daemon, &config.library)?;
+    std::fs::create_dir_all(&paths.state_dir)
+        .with_context(|| format!("creating {}", paths.state_dir.display()))?;
+    let file = paths.state_dir.join("tui.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+        .with_context(|| format!("opening the log file {}", file.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log))
+        .try_init();
+    Ok(())
 }
 
 fn init_logging(level: &str) {
@@ -270,7 +501,13 @@ fn model_path(config: &Config, flag: Option<&Path>) -> Result<PathBuf> {
     if !config.model.path.is_empty() {
         return Ok(PathBuf::from(&config.model.path));
     }
-    bail!("no model: pass --model DIR (a diffusers folder) or set [model] path in the config")
+    let dir = pairstyle::toy::embedded::ensure_installed()
+        .context("installing the embedded toy model (no [model] path is configured)")?;
+    tracing::info!(
+        "no model configured: using the embedded toy model ({})",
+        dir.display()
+    );
+    Ok(dir)
 }
 
 fn info(config: &Config, flag: Option<&Path>) -> Result<()> {
@@ -295,26 +532,25 @@ fn info(config: &Config, flag: Option<&Path>) -> Result<()> {
 }
 
 fn generate(config: &Config, args: GenerateArgs) -> Result<()> {
-    let g = &config.generate;
-    let steps = args.steps.unwrap_or(g.steps);
-    let cfg = args.cfg.unwrap_or(g.cfg);
-    if steps == 0 || steps > 1000 {
-        bail!("--steps must be between 1 and 1000 (got {steps})");
-    }
-    if !cfg.is_finite() || cfg < 0.0 {
-        bail!("--cfg must be a finite number ≥ 0 (got {cfg})");
-    }
-    let sched_name = args
-        .scheduler
-        .clone()
-        .unwrap_or_else(|| g.scheduler.clone());
-    let scheduler = match sched_name.as_str() {
-        "default" | "" => None,
-        s => Some(
-            s.parse::<SchedulerKind>()
-                .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
-        ),
+    let styles = args
+        .styles
+        .iter()
+        .map(|a| parse_style_arg(a))
+        .collect::<Result<Vec<_>>>()?;
+    let request = GenerationRequest {
+        prompt: args.prompt.clone(),
+        negative: args.negative.clone(),
+        styles,
+        seed: args.seed,
+        steps: args.steps,
+        cfg: args.cfg,
+        width: args.width,
+        height: args.height,
+        scheduler: args.scheduler.clone(),
+        style_from: args.style_from,
+        lora_scale: args.lora_scale,
     };
+    let settings = request.check(&config.generate).map_err(cli_error)?;
     match args.output.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("png") => {}
         _ => bail!("output {} must end in .png", args.output.display()),
@@ -333,82 +569,53 @@ fn generate(config: &Config, args: GenerateArgs) -> Result<()> {
         pipe.family(),
         t0.elapsed().as_secs_f64()
     );
-    let native = pipe.native_size().unwrap_or(512);
-    let pick =
-        |flag: Option<usize>, conf: usize| flag.unwrap_or(if conf == 0 { native } else { conf });
-    let width = pick(args.width, g.width);
-    let height = pick(args.height, g.height);
-    pipe.check_size(width, height)?;
-    let seed = args.seed.unwrap_or_else(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-    });
-    let negative = args
-        .negative
-        .clone()
-        .or_else(|| (!g.negative.is_empty()).then(|| g.negative.clone()));
-    let req = GenerateRequest {
-        prompt: args.prompt.clone(),
-        negative: negative.clone(),
-        seed,
-        steps,
-        cfg,
-        width,
-        height,
-        scheduler,
-    };
-    let library = Library::new(
-        args.library
-            .clone()
-            .unwrap_or_else(|| config.library.resolve()),
+    let mut library = library_of(config, args.library.clone());
+    let label = path.display().to_string();
+    let prepared =
+        pairstyle::generate::prepare(&mut pipe, &request, &settings, config, &label, &mut library)
+            .map_err(cli_error)?;
+    for s in &prepared.styles {
+        eprintln!("style {}: λ = {}, suffix {:?}", s.name, s.lambda, s.suffix);
+    }
+    let r = &prepared.request;
+    eprintln!(
+        "seed {}, {} steps, cfg {}, {}×{}, scheduler {}",
+        r.seed, r.steps, r.cfg, r.width, r.height, prepared.scheduler_name
     );
-    let guidance = style_guidance(config, &args, &library, &mut pipe)?;
-    eprintln!("seed {seed}, {steps} steps, cfg {cfg}, {width}×{height}, scheduler {sched_name}");
-    let image = pipe.generate_guided(&req, &guidance, |p| {
-        let per = p.elapsed_s / p.step as f64;
-        let eta = per * (p.total - p.step) as f64;
-        eprint!(
-            "\rstep {:>3}/{} (t={:>3})  {:.2} s/step  ETA {:.0} s   ",
-            p.step, p.total, p.timestep, per, eta
-        );
-        let _ = std::io::stderr().flush();
-    })?;
+    let image = prepared
+        .run(&mut pipe, |p| {
+            let per = p.elapsed_s / p.step as f64;
+            let eta = per * (p.total - p.step) as f64;
+            eprint!(
+                "\rstep {:>3}/{} (t={:>3})  {:.2} s/step  ETA {:.0} s   ",
+                p.step, p.total, p.timestep, per, eta
+            );
+            let _ = std::io::stderr().flush();
+        })
+        .map_err(cli_error)?;
     eprintln!();
-    let meta = GenerationMeta {
-        prompt: req.prompt.clone(),
-        negative,
-        seed,
-        steps,
-        cfg,
-        scheduler: sched_name,
-        model: path.display().to_string(),
-        width: width as u32,
-        height: height as u32,
-        extra: [
-            ("dtype".to_string(), serde_json::json!(config.runtime.dtype)),
-            ("guidance".to_string(), guidance_json(&guidance)),
-        ]
-        .into(),
-    };
-    let rgb = image_io::tensor_to_rgb8(&image)?;
-    image_io::save_png_with_text(
-        &args.output,
-        rgb.as_raw(),
-        rgb.width(),
-        rgb.height(),
-        &meta.text_chunks(),
-    )
-    .with_context(|| format!("writing {}", args.output.display()))?;
+    image
+        .save(&args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
     println!("{}", args.output.display());
     Ok(())
 }
 
-/// Parse `NAME` or `NAME=λ`.
-fn parse_style_arg(arg: &str, default_lambda: f64) -> Result<(String, f64)> {
+/// A generation error in command-line words: a bad setting names its flag (`--steps ...`).
+fn cli_error(e: GenerateError) -> anyhow::Error {
+    match e {
+        GenerateError::Setting { field, detail } => anyhow::anyhow!("--{field} {detail}"),
+        other => other.into(),
+    }
+}
+
+/// Parse `NAME` or `NAME=λ` (no λ: the style's default).
+fn parse_style_arg(arg: &str) -> Result<StyleWeight> {
     match arg.split_once('=') {
-        None => Ok((arg.to_string(), default_lambda)),
+        None => Ok(StyleWeight {
+            name: arg.to_string(),
+            lambda: None,
+        }),
         Some((name, l)) => {
             let lambda: f64 = l
                 .trim()
@@ -417,79 +624,11 @@ fn parse_style_arg(arg: &str, default_lambda: f64) -> Result<(String, f64)> {
             if !lambda.is_finite() {
                 bail!("--style {arg}: λ must be finite");
             }
-            Ok((name.to_string(), lambda))
+            Ok(StyleWeight {
+                name: name.to_string(),
+                lambda: Some(lambda),
+            })
         }
-    }
-}
-
-/// Load the styles named on the command line, attach them, and build the guidance.
-fn style_guidance(
-    config: &Config,
-    args: &GenerateArgs,
-    library: &Library,
-    pipe: &mut Pipeline,
-) -> Result<Guidance> {
-    if args.styles.is_empty() {
-        if args.lora_scale.is_some() {
-            bail!("--lora-scale needs one --style");
-        }
-        return Ok(Guidance::Cfg);
-    }
-    let mut terms = Vec::new();
-    for arg in &args.styles {
-        let (name, lambda) = parse_style_arg(arg, f64::NAN)?;
-        let style = library
-            .load(&name, pipe.unet(), pipe.dtype(), pipe.device())
-            .with_context(|| format!("loading style {name:?} from {}", library.root().display()))?;
-        let lambda = if lambda.is_nan() {
-            style.meta.default_lambda
-        } else {
-            lambda
-        };
-        style.adapter.attach(pipe.unet_mut(), &name)?;
-        eprintln!(
-            "style {name}: λ = {lambda}, suffix {:?}",
-            style.meta.prompt_suffix
-        );
-        terms.push(StyleTerm {
-            adapter: name,
-            lambda,
-            suffix: style.meta.prompt_suffix.clone(),
-            scale: 1.0,
-        });
-    }
-    if let Some(alpha) = args.lora_scale {
-        if terms.len() != 1 {
-            bail!("--lora-scale takes exactly one --style");
-        }
-        let t = terms.remove(0);
-        return Ok(Guidance::LoraScale {
-            adapter: t.adapter,
-            alpha,
-            suffix: t.suffix,
-        });
-    }
-    Ok(Guidance::Styles {
-        styles: terms,
-        from_step: args.style_from.unwrap_or(config.style.from_step),
-    })
-}
-
-fn guidance_json(g: &Guidance) -> serde_json::Value {
-    match g {
-        Guidance::Cfg => serde_json::json!("cfg"),
-        Guidance::Styles { styles, from_step } => serde_json::json!({
-            "mode": "style",
-            "from_step": from_step,
-            "styles": styles.iter().map(|s| serde_json::json!({"name": s.adapter, "lambda": s.lambda, "suffix": s.suffix})).collect::<Vec<_>>(),
-        }),
-        Guidance::LoraScale {
-            adapter,
-            alpha,
-            suffix,
-        } => serde_json::json!({
-            "mode": "lora-scale", "style": adapter, "alpha": alpha, "suffix": suffix,
-        }),
     }
 }
 
@@ -627,6 +766,8 @@ fn train(config: &Config, args: TrainArgs) -> Result<()> {
         content_sha256: sha(|p| &p.content)?,
         style_sha256: sha(|p| &p.style)?,
         created_unix,
+        thumbnail: None,
+        samples: None,
     };
     let files: Vec<PathBuf> = specs
         .iter()
@@ -644,48 +785,42 @@ fn export(config: &Config, args: ExportArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| config.library.resolve()),
     );
-    let meta = library.meta(&args.style)?;
-    let model_path = args
-        .model
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&meta.base_model));
-    let model = ModelDir::open(&model_path).with_context(|| {
-        format!(
-            "opening base model {} (pass --model DIR)",
-            model_path.display()
-        )
-    })?;
-    let unet_file: UNetConfigFile = model.config("unet")?;
-    let unet_cfg = UNetConfig::resolve(unet_file, &model.config_path("unet"))?;
-    let catalog = ModuleCatalog::from_config(&unet_cfg);
-    let opts = LoadOptions::default();
-    let loaded = pairstyle::lora::load(
-        &library
-            .style_dir(&args.style)
-            .join(pairstyle::library::STYLE_FILE),
-        &catalog,
-        &opts,
-    )?;
-    let mut info = ExportInfo::new(model.family()?, &args.style);
-    info.description = Some(format!(
-        "Pair Customization style \"{}\" learned from one {} image pair",
-        meta.style_desc, meta.subject
-    ));
-    info.trigger_phrase = Some(meta.prompt_suffix.trim().to_string());
-    info.steps = Some(meta.steps as u64);
-    info.seed = Some(meta.seed);
-    match args.format.parse::<ExportFormat>()? {
-        ExportFormat::Kohya => export_kohya(&loaded.set, &catalog, &info, &args.output)?,
-        ExportFormat::Peft => export_peft(&loaded.set, &info, &args.output)?,
-    }
+    let format = args.format.parse::<ExportFormat>()?;
+    library
+        .export(&args.style, format, args.model.as_deref(), &args.output)
+        .with_context(|| {
+            format!(
+                "exporting style {:?} (pass --model DIR if its base model moved)",
+                args.style
+            )
+        })?;
     println!("{}", args.output.display());
     Ok(())
+}
+
+/// The style library the `styles` and `generate` commands use: `--library`, else `[library]
+/// path`, else `<state dir>/styles` as the daemon resolves it (the user data dir's
+/// `pairstyle/styles` unless `[daemon] state_dir` says otherwise).
+fn library_of(config: &Config, flag: Option<PathBuf>) -> Library {
+    if let Some(p) = flag {
+        return Library::new(p);
+    }
+    match pairstyle::daemon::paths::DaemonPaths::resolve(&config.daemon, &config.library) {
+        Ok(p) => Library::new(p.library),
+        Err(_) => Library::new(config.library.resolve()),
+    }
+}
+
+/// The daemon's trash folder (`<state dir>/trash`).
+fn trash_dir(config: &Config) -> Result<PathBuf> {
+    let paths = pairstyle::daemon::paths::DaemonPaths::resolve(&config.daemon, &config.library)?;
+    Ok(paths.state_dir.join(pairstyle::daemon::service::TRASH_DIR))
 }
 
 fn styles(config: &Config, command: StylesCommand) -> Result<()> {
     match command {
         StylesCommand::List { json, library } => {
-            let library = Library::new(library.unwrap_or_else(|| config.library.resolve()));
+            let library = library_of(config, library);
             let all = library.list()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
@@ -701,18 +836,228 @@ fn styles(config: &Config, command: StylesCommand) -> Result<()> {
             }
             Ok(())
         }
+        StylesCommand::Show {
+            name,
+            json,
+            library,
+        } => {
+            let library = library_of(config, library);
+            let meta = library.meta(&name)?;
+            let dir = library.style_dir(&name);
+            let mut files: Vec<String> = Vec::new();
+            collect_files(&dir, &dir, &mut files)?;
+            files.sort();
+            if json {
+                let mut v = serde_json::to_value(&meta)?;
+                v["folder"] = serde_json::json!(dir.display().to_string());
+                v["files"] = serde_json::json!(files);
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", format_style(&meta, &dir, &files));
+            }
+            Ok(())
+        }
+        StylesCommand::Rename { from, to, library } => {
+            let library = library_of(config, library);
+            let dir = library.rename(&from, &to)?;
+            println!("renamed {from} to {to} ({})", dir.display());
+            Ok(())
+        }
+        StylesCommand::Remove { name, library } => {
+            let library = library_of(config, library);
+            let dest = library.remove_to_trash(&name, &trash_dir(config)?)?;
+            println!("moved {name} to {}", dest.display());
+            Ok(())
+        }
+        StylesCommand::Export(mut args) => {
+            if args.library.is_none() {
+                args.library = Some(library_of(config, None).root().to_path_buf());
+            }
+            export(config, args)
+        }
     }
 }
 
+/// Paths of the files under `dir`, relative to `root`.
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            out.push(rel.display().to_string());
+        }
+    }
+    Ok(())
+}
+
+/// `pairstyle styles show` as text.
+fn format_style(meta: &StyleMeta, dir: &Path, files: &[String]) -> String {
+    let mut s = format!(
+        "{}\n  folder:      {}\n  style:       {} (prompt suffix {:?}), default λ {}\n  \
+         learned from: {} image pair(s) of {:?}\n  base model:  {}\n  \
+         adapter:     rank {}, alpha {} (content rank {})\n  \
+         training:    {} steps, seed {}, {:.1} s\n",
+        meta.name,
+        dir.display(),
+        meta.style_desc,
+        meta.prompt_suffix,
+        meta.default_lambda,
+        meta.content_sha256.len(),
+        meta.subject,
+        meta.base_model,
+        meta.rank,
+        meta.alpha,
+        meta.content_rank,
+        meta.steps,
+        meta.seed,
+        meta.training_secs
+    );
+    if let Some(t) = &meta.thumbnail {
+        s.push_str(&format!("  thumbnail:   {}\n", dir.join(t).display()));
+    }
+    if let Some(g) = &meta.samples {
+        s.push_str(&format!(
+            "  samples:     {} ({} prompts, {} steps, seed {}, λ {})\n",
+            dir.join(&g.file).display(),
+            g.prompts.len(),
+            g.steps,
+            g.seed,
+            g.lambda
+        ));
+    }
+    s.push_str("  files:\n");
+    for f in files {
+        s.push_str(&format!("    {f}\n"));
+    }
+    s
+}
+
+fn load_pipeline(config: &Config, flag: Option<&Path>) -> Result<Pipeline> {
+    let path = model_path(config, flag)?;
+    let model =
+        ModelDir::open(&path).with_context(|| format!("opening model {}", path.display()))?;
+    let device = config.runtime.device.parse::<DeviceSpec>()?.resolve()?;
+    let dtype = config.runtime.dtype.parse::<DTypeSpec>()?.dtype();
+    Pipeline::load(model, config.model.variant, dtype, &device)
+        .with_context(|| format!("loading model {}", path.display()))
+}
+
+fn bench_method(config: &Config, a: MethodBenchArgs) -> Result<()> {
+    use pairstyle::bench::quality::{run_method_bench, MethodBench};
+    use pairstyle::toy::StyleKind;
+
+    let mut b = if a.quick {
+        MethodBench::quick()
+    } else {
+        MethodBench::full()
+    };
+    if !a.styles.is_empty() {
+        b.styles = a
+            .styles
+            .iter()
+            .map(|s| s.parse::<StyleKind>())
+            .collect::<pairstyle::Result<_>>()?;
+    }
+    if let Some(n) = a.prompts {
+        b.prompts_per_category = n;
+    }
+    if let Some(n) = a.seeds {
+        b.seeds = n;
+    }
+    if let Some(n) = a.steps {
+        b.steps = n;
+    }
+    if let Some(n) = a.iterations {
+        b.train.iterations = n;
+        b.train.style_start = n / 4;
+    }
+    if let Some(l) = a.lambda {
+        b.lambda = l;
+    }
+    if let Some(l) = a.lora_scale {
+        b.lora_scale = l;
+    }
+    if let Some(n) = a.multi_pairs {
+        b.multi_pairs = n;
+    }
+    if b.prompts_per_category == 0 || b.seeds == 0 || b.steps == 0 || b.styles.is_empty() {
+        bail!("--prompts, --seeds, --steps and --styles must not be zero or empty");
+    }
+    let mut pipe = load_pipeline(config, a.model.as_deref())?;
+    if let Some(n) = pipe.native_size() {
+        b.train.resolution = n;
+    }
+    let report = run_method_bench(&mut pipe, &b, &a.out, |line| eprintln!("{line}"))?;
+    print!("{}", report.markdown());
+    println!("\n(written to {})", a.out.display());
+    Ok(())
+}
+
+fn bench_toy_model(config: &Config, a: ToyModelBenchArgs) -> Result<()> {
+    use pairstyle::bench::quality::{run_model_quality, ModelQualityBench};
+    use pairstyle::toy::analyse::Attribute;
+
+    let pipe = load_pipeline(config, a.model.as_deref())?;
+    let q = ModelQualityBench {
+        prompts: a.prompts,
+        steps: a.steps,
+        cfg: a.cfg,
+        vae_scenes: a.vae_scenes,
+        seed: 0,
+    };
+    let r = run_model_quality(&pipe, &q, a.out.as_deref(), |line| eprintln!("{line}"))?;
+    let p = &r.prompt_accuracy;
+    println!("| measure | value | bar (floor) |");
+    println!("|---|---:|---|");
+    println!(
+        "| colour correct, {} held-out prompts | {:.1} % | ≥ 90 % (80 %) |",
+        a.prompts,
+        p.percent(Attribute::Colour)
+    );
+    println!(
+        "| shape correct | {:.1} % | ≥ 90 % (75 %) |",
+        p.percent(Attribute::Shape)
+    );
+    println!(
+        "| position correct | {:.1} % | ≥ 90 % (70 %) |",
+        p.percent(Attribute::Position)
+    );
+    println!("| size correct | {:.1} % | |", p.percent(Attribute::Size));
+    println!(
+        "| background correct | {:.1} % | |",
+        p.percent(Attribute::Background)
+    );
+    println!(
+        "| VAE PSNR, {} held-out scenes | {:.2} dB | ≥ 30 dB |",
+        a.vae_scenes, r.vae_psnr_db
+    );
+    println!(
+        "| VAE reconstructions with every colour right | {:.1} % | |",
+        r.vae_colour_percent
+    );
+    println!(
+        "| analyser on 500 clean renders (colour / shape / position) | {:.1} / {:.1} / {:.1} % | ≥ 98 % |",
+        r.analyser_accuracy.percent(Attribute::Colour),
+        r.analyser_accuracy.percent(Attribute::Shape),
+        r.analyser_accuracy.percent(Attribute::Position)
+    );
+    Ok(())
+}
+
 fn bench(config: &Config, command: BenchCommand) -> Result<()> {
-    let BenchCommand::Method {
-        model,
-        size,
-        latent,
-        rank,
-        reps,
-        styles,
-    } = command;
+    let (model, size, latent, rank, reps, styles) = match command {
+        BenchCommand::Method(a) => return bench_method(config, a),
+        BenchCommand::ToyModel(a) => return bench_toy_model(config, a),
+        BenchCommand::Cost {
+            model,
+            size,
+            latent,
+            rank,
+            reps,
+            styles,
+        } => (model, size, latent, rank, reps, styles),
+    };
     let device = config.runtime.device.parse::<DeviceSpec>()?.resolve()?;
     let (label, mut unet) = match (model, size.as_deref()) {
         (Some(dir), _) => {
@@ -756,13 +1101,13 @@ fn bench(config: &Config, command: BenchCommand) -> Result<()> {
         )
     });
     println!("# {label}; latent {latent}x{latent}, batch 1 per branch, f32, rank {rank}, threads {threads}, median of {reps} after 1 warm-up");
-    let b = pairstyle::bench::MethodBench {
+    let b = pairstyle::bench::CostBench {
         latent,
         rank,
         reps,
         styles,
     };
-    let rows = pairstyle::bench::run_method_bench(&mut unet, &b, &device)?;
+    let rows = pairstyle::bench::run_cost_bench(&mut unet, &b, &device)?;
     let plain = rows
         .iter()
         .find(|r| r.case.contains("plain CFG"))
@@ -782,11 +1127,87 @@ fn bench(config: &Config, command: BenchCommand) -> Result<()> {
     Ok(())
 }
 
+/// `pairstyle toy dataset`: render `count` seeded scenes into one u8 tensor plus captions.
+fn toy_dataset(args: ToyDatasetArgs) -> Result<()> {
+    use pairstyle::toy::Scene;
+    use rand::SeedableRng;
+
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let res = args.resolution as usize;
+    let bytes = args
+        .count
+        .checked_mul(res * res * 3)
+        .filter(|b| *b <= 16 << 30)
+        .context("the dataset would exceed 16 GiB; lower --count or --resolution")?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut pixels = Vec::with_capacity(bytes);
+    let mut captions = String::new();
+    for _ in 0..args.count {
+        let scene = if args.held_out {
+            Scene::random_held_out(&mut rng)
+        } else {
+            Scene::random_train(&mut rng)
+        };
+        pixels.extend_from_slice(scene.render(args.resolution)?.as_raw());
+        captions.push_str(&scene.caption());
+        captions.push('\n');
+    }
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
+    let images = candle_core::Tensor::from_vec(
+        pixels,
+        (args.count, res, res, 3),
+        &candle_core::Device::Cpu,
+    )?;
+    let tmp = args.output.join("images.safetensors.tmp");
+    images.save_safetensors("images", &tmp)?;
+    std::fs::rename(&tmp, args.output.join("images.safetensors"))?;
+    image_io::write_file_atomic(&args.output.join("captions.txt"), captions.as_bytes())?;
+    println!(
+        "wrote {} scenes at {res}x{res} to {}",
+        args.count,
+        args.output.display()
+    );
+    Ok(())
+}
+
 #[derive(Debug, Subcommand)]
 enum ToyCommand {
     /// Render a scene of the synthetic world (from its caption, or a random one from a seed),
     /// optionally stylised, to a PNG carrying the caption in a text chunk.
     Render(ToyRenderArgs),
+    /// Write a training set of the world for pretraining the toy model: `images.safetensors`
+    /// (tensor "images", u8, N × res × res × 3) and `captions.txt` (one caption per line, same
+    /// order). Scenes never use the held-out (shape, colour) combinations unless --held-out.
+    Dataset(ToyDatasetArgs),
+    /// Write the embedded toy model (the default model) as a diffusers folder, and print how it
+    /// was trained.
+    Model {
+        /// Output folder (must not exist).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ToyDatasetArgs {
+    /// Number of scenes.
+    #[arg(long)]
+    count: usize,
+    /// Seed of the scene sampler: the same seed always gives the same set.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Image side in pixels (64 or more).
+    #[arg(long, default_value_t = 64)]
+    resolution: u32,
+    /// Draw evaluation scenes whose first object uses a held-out combination instead.
+    #[arg(long)]
+    held_out: bool,
+    /// Output folder (created).
+    #[arg(short, long)]
+    output: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -812,7 +1233,20 @@ fn toy(command: ToyCommand) -> Result<()> {
     use pairstyle::toy::{Scene, StyleKind};
     use rand::SeedableRng;
 
-    let ToyCommand::Render(args) = command;
+    let args = match command {
+        ToyCommand::Render(args) => args,
+        ToyCommand::Dataset(args) => return toy_dataset(args),
+        ToyCommand::Model { output } => {
+            pairstyle::toy::embedded::write_to(&output)?;
+            println!(
+                "wrote the embedded toy model ({:.1} MB, fingerprint {}) to {}",
+                pairstyle::toy::embedded::total_bytes() as f64 / 1e6,
+                pairstyle::toy::embedded::fingerprint(),
+                output.display()
+            );
+            return Ok(());
+        }
+    };
     let style = args
         .style
         .as_deref()

@@ -190,9 +190,9 @@ fn info_and_config_commands() {
 }
 
 #[test]
-fn bench_method_runs_on_a_tiny_setting() {
+fn bench_cost_runs_on_a_tiny_setting() {
     let o = bin()
-        .args(["bench", "method", "--model"])
+        .args(["bench", "cost", "--model"])
         .arg(common::fixture("tiny-sd15"))
         .args([
             "--latent", "8", "--rank", "2", "--reps", "1", "--styles", "0,2",

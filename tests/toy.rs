@@ -71,3 +71,138 @@ fn unknown_word_fails_naming_it() {
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With no model configured, every command uses the embedded toy model: it is installed once in
+/// the cache dir and loaded from there through the ordinary model-folder code.
+#[test]
+fn embedded_model_is_the_default() {
+    let dir = tmp("embedded");
+    let cache = dir.join("cache");
+    let o = bin()
+        .env("PAIRSTYLE_CACHE_DIR", &cache)
+        .arg("info")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("family:    Sd1"), "{stdout}");
+    let installed = cache.join(format!(
+        "toy-model-{}",
+        pairstyle::toy::embedded::fingerprint()
+    ));
+    assert!(
+        stdout.contains(&installed.display().to_string()),
+        "{stdout}"
+    );
+
+    let png = dir.join("out.png");
+    let o = bin()
+        .env("PAIRSTYLE_CACHE_DIR", &cache)
+        .args([
+            "generate",
+            "--prompt",
+            "a small blue circle in the center, on a white background",
+        ])
+        .args(["--steps", "2", "--seed", "3", "-o"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (64, 64), "the model's native size");
+
+    // `toy model` writes the same folder anywhere, and refuses to overwrite.
+    let copy = dir.join("copy");
+    let o = bin()
+        .args(["toy", "model", "-o"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (rel, bytes) in pairstyle::toy::embedded::FILES {
+        assert_eq!(&std::fs::read(copy.join(rel)).unwrap(), bytes, "{rel}");
+    }
+    let o = bin()
+        .args(["toy", "model", "-o"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `toy dataset` writes N renders and N captions of training scenes (no held-out combination).
+#[test]
+fn dataset_has_matching_images_and_captions() {
+    let dir = tmp("dataset");
+    let out = dir.join("data");
+    let o = bin()
+        .args(["toy", "dataset", "--count", "5", "--seed", "9", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t =
+        candle_core::safetensors::load(out.join("images.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let images = &t["images"];
+    assert_eq!(images.dims(), &[5, 64, 64, 3]);
+    assert_eq!(images.dtype(), candle_core::DType::U8);
+    let captions = std::fs::read_to_string(out.join("captions.txt")).unwrap();
+    let captions: Vec<&str> = captions.lines().collect();
+    assert_eq!(captions.len(), 5);
+    for (i, c) in captions.iter().enumerate() {
+        let scene = Scene::parse(c).unwrap();
+        assert!(!scene.is_held_out(), "{c}");
+        let img = images
+            .get(i)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        assert_eq!(
+            img,
+            scene.render(64).unwrap().into_raw(),
+            "image {i} is the render of {c}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `bench method` runs end to end on a tiny setting with the embedded model and its table has
+/// every method, for both prompt categories; the CSV has one row per (method, style, category).
+#[test]
+fn bench_method_quick_has_every_method() {
+    let dir = tmp("bench-method");
+    let out = dir.join("out");
+    let o = bin()
+        .env("PAIRSTYLE_CACHE_DIR", dir.join("cache"))
+        .args([
+            "bench", "method", "--quick", "--styles", "invert", "--steps", "2",
+        ])
+        .args(["--iterations", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+    for m in pairstyle::bench::quality::Method::ALL {
+        for cat in ["same", "different"] {
+            assert!(
+                md.contains(&format!("| {} | {cat} |", m.label())),
+                "{} / {cat} missing:\n{md}",
+                m.label()
+            );
+        }
+    }
+    let csv = std::fs::read_to_string(out.join("table.csv")).unwrap();
+    assert_eq!(
+        csv.lines().count(),
+        1 + pairstyle::bench::quality::Method::ALL.len() * 2
+    );
+    let sheet = image::open(out.join("sheet.png")).unwrap();
+    // columns: the pair + one prompt per category; rows: base, ground truth, 5 methods
+    assert_eq!((sheet.width(), sheet.height()), (3 * 64, 7 * 64 + 4));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,6 +1,10 @@
-//! Benchmarks that print numbers (never timed assertions in tests): the cost of Pair
-//! Customization's training iteration and of style-guided sampling steps, on the tiny fixture
-//! UNet or a real-size UNet with random weights.
+//! Benchmarks that print numbers (never timed assertions in tests):
+//! - [`quality`]: Pair Customization against its baselines on the synthetic world with exact
+//!   ground truth, and the toy model's own quality bars;
+//! - here: the cost of Pair Customization's training iteration and of style-guided sampling
+//!   steps, on the tiny fixture UNet or a real-size UNet with random weights.
+
+pub mod quality;
 
 use std::time::Instant;
 
@@ -82,7 +86,7 @@ pub fn random_unet(config_json: &str, seed: u64, dtype: DType, device: &Device) 
 
 /// What to measure.
 #[derive(Debug, Clone)]
-pub struct MethodBench {
+pub struct CostBench {
     /// Latent side (e.g. 32 for 256 px with an 8× VAE).
     pub latent: usize,
     /// LoRA rank of both adapters.
@@ -123,11 +127,7 @@ fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
 
 /// Time one training iteration (content + style step with backward and AdamW) and one sampling
 /// step for each style count, on `unet` with random inputs.
-pub fn run_method_bench(
-    unet: &mut UNet,
-    b: &MethodBench,
-    device: &Device,
-) -> Result<Vec<BenchRow>> {
+pub fn run_cost_bench(unet: &mut UNet, b: &CostBench, device: &Device) -> Result<Vec<BenchRow>> {
     let dtype = DType::F32;
     let cross = unet.config().down[0].cross_attention_dim;
     let pooled_dim = unet.config().text_time.map(|(a, p)| p - 6 * a);

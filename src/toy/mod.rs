@@ -7,9 +7,20 @@
 //!   list of held-out (shape, colour) combinations that training never sees.
 //! - [`styles`]: deterministic style transforms (pixel-wise, local and texture) that are never
 //!   shown to the base model, so the exact stylisation of any output is known.
+//! - [`embedded`]: the toy model compiled into the program, the default model.
+//! - [`analyse`](mod@analyse): a deterministic analyser that recovers a scene's background and
+//!   objects from an image, with the scoring the benchmark uses (per-attribute accuracy, content
+//!   leakage) and its own accuracy on clean renders.
 
+pub mod analyse;
+pub mod embedded;
 pub mod styles;
 pub mod world;
 
+pub use analyse::{
+    accuracy_on_clean_renders, analyse, check_scene, copies_reference, leaks_reference, Analyser,
+    Analysis, Attribute, AttributeAccuracy, Detection, ObjectCheck, Palette, SceneCheck,
+    MIN_CONFIDENCE,
+};
 pub use styles::StyleKind;
 pub use world::{Background, Colour, Object, Position, Scene, ShapeKind, Size};

@@ -37,6 +37,9 @@ pub struct TrainConfig {
     /// Orthogonal, frozen down-projections (the method); false = ordinary LoRA init with A trained
     /// (the paper's ablation).
     pub orthogonal: bool,
+    /// The single-image baseline (a DreamBooth-style LoRA): no ContentLoRA, one LoRA (saved as the
+    /// style) trained on the style image alone with the style prompt, from iteration 0.
+    pub single_image: bool,
     /// Seed of the orthonormal bases and of every random draw of the run.
     pub seed: u64,
     /// Write a checkpoint every this many iterations (0 = never).
@@ -60,6 +63,7 @@ impl Default for TrainConfig {
             flip_p: 1.0,
             token: "sbu".into(),
             orthogonal: true,
+            single_image: false,
             seed: 0,
             checkpoint_every: 50,
         }

@@ -364,6 +364,17 @@ impl<'p> PairTrainer<'p> {
             cond_style: self.pairs[k].cond_style.clone(),
             style_step: it >= self.cfg.style_start,
         };
+        if self.cfg.single_image {
+            let loss = train_single_image(
+                self.pipe.unet_mut(),
+                &self.schedule,
+                (&self.style, &mut self.opt_style),
+                &inputs,
+            );
+            detach_adapters(self.pipe.unet_mut());
+            let loss = loss?;
+            return self.finish_iteration((f32::NAN, Some(loss)));
+        }
         let losses = train_iteration(
             self.pipe.unet_mut(),
             &self.schedule,
@@ -375,7 +386,12 @@ impl<'p> PairTrainer<'p> {
             &inputs,
         );
         detach_adapters(self.pipe.unet_mut());
-        let (loss_c, loss_s) = losses?;
+        self.finish_iteration(losses?)
+    }
+
+    /// Count the iteration done and write a checkpoint when one is due.
+    fn finish_iteration(&mut self, losses: (f32, Option<f32>)) -> Result<(f32, Option<f32>)> {
+        let (loss_c, loss_s) = losses;
         self.next_iteration += 1;
         if let Some(path) = &self.checkpoint_path {
             let every = self.cfg.checkpoint_every;
@@ -523,6 +539,44 @@ fn mse_loss(
     let pred = unet.forward(x_t, &ts, &cond.context, added, scales)?;
     let diff = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?;
     Ok(diff.sqr()?.mean_all()?)
+}
+
+/// One iteration of the single-image baseline: the LoRA `style` alone (trainable) learns to
+/// denoise the style image under the style prompt; optimizer step. Returns the loss. Leaves the
+/// adapter attached (the caller detaches).
+pub fn train_single_image(
+    unet: &mut UNet,
+    schedule: &NoiseSchedule,
+    style: (&LearnedAdapter, &mut AdamW),
+    inputs: &IterationInputs,
+) -> Result<f32> {
+    let (style, opt) = style;
+    let dtype = inputs.x0_style.dtype();
+    let device = inputs.x0_style.device().clone();
+    // The LoRA goes in the content slot: the only adapter attached, trainable.
+    attach_adapters(unet, style, None, true)?;
+    let mut scales = AdapterScales::none();
+    scales.set(CONTENT, Tensor::ones(1, dtype, &device)?);
+    let t = inputs.t;
+    let xt = schedule.add_noise(&inputs.x0_style, &inputs.noise, &[t])?;
+    let target = schedule.target(
+        schedule.prediction_type(),
+        &inputs.x0_style,
+        &inputs.noise,
+        &[t],
+    )?;
+    let loss = mse_loss(
+        unet,
+        &xt,
+        t,
+        &target,
+        &inputs.cond_style,
+        inputs.added_style.as_ref(),
+        &scales,
+    )?;
+    let grads = loss.backward()?;
+    opt.step(&grads)?;
+    loss.to_scalar::<f32>().map_err(Into::into)
 }
 
 /// One Pair Customization iteration from given inputs: the content step (ContentLoRA alone,

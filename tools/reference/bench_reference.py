@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""PyTorch + diffusers + PEFT reference for `pairstyle bench method`.
+"""PyTorch + diffusers + PEFT reference for `pairstyle bench cost`.
 
-Runs the same cases with the same shapes as `src/bench/mod.rs` (`run_method_bench`) on the CPU,
+Runs the same cases with the same shapes as `src/bench/mod.rs` (`run_cost_bench`) on the CPU,
 f32, and prints the same markdown table (case | s | × plain CFG step | peak RSS MiB):
 
 1. one Pair Customization training iteration: content step (only the content LoRA active, MSE
@@ -72,7 +72,7 @@ LOAD_AT_START = "unknown"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="PyTorch/diffusers/PEFT reference for `pairstyle bench method` (CPU, f32).")
+        description="PyTorch/diffusers/PEFT reference for `pairstyle bench cost` (CPU, f32).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path,
                      help="diffusers model folder whose UNet to load (its real weights)")

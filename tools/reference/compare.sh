@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run `pairstyle bench method` and the PyTorch reference with the same arguments, print both
+# Run `pairstyle bench cost` and the PyTorch reference with the same arguments, print both
 # tables and the ratios ours/reference per case.
 #
 #   tools/reference/compare.sh --model tests/fixtures/tiny-sd15 --latent 8 --rank 4 --reps 1
@@ -52,8 +52,8 @@ trap 'rm -rf "$tmp"' EXIT
 # A config of our own so a user config cannot change the thread count or the device.
 printf '[runtime]\ndevice = "cpu"\ndtype = "f32"\nthreads = %s\n' "$threads" > "$tmp/pairstyle.toml"
 
-echo "## ours: $bin bench method ${ours_args[*]} (RAYON_NUM_THREADS=$threads)"
-RAYON_NUM_THREADS="$threads" "$bin" --config "$tmp/pairstyle.toml" bench method "${ours_args[@]}" \
+echo "## ours: $bin bench cost ${ours_args[*]} (RAYON_NUM_THREADS=$threads)"
+RAYON_NUM_THREADS="$threads" "$bin" --config "$tmp/pairstyle.toml" bench cost "${ours_args[@]}" \
     | tee "$tmp/ours.md"
 echo
 echo "## reference: $py $here/bench_reference.py ${ref_args[*]} --threads $threads"
