@@ -541,6 +541,23 @@ fn mse_loss(
     Ok(diff.sqr()?.mean_all()?)
 }
 
+/// The denoising loss of one step: noise `x0` with the iteration's shared ε to its timestep and
+/// compare the UNet's prediction with the training target.
+fn step_loss(
+    unet: &UNet,
+    schedule: &NoiseSchedule,
+    x0: &Tensor,
+    inputs: &IterationInputs,
+    cond: &Conditioning,
+    added: Option<&AddedCond>,
+    scales: &AdapterScales,
+) -> Result<Tensor> {
+    let t = inputs.t;
+    let xt = schedule.add_noise(x0, &inputs.noise, &[t])?;
+    let target = schedule.target(schedule.prediction_type(), x0, &inputs.noise, &[t])?;
+    mse_loss(unet, &xt, t, &target, cond, added, scales)
+}
+
 /// One iteration of the single-image baseline: the LoRA `style` alone (trainable) learns to
 /// denoise the style image under the style prompt; optimizer step. Returns the loss. Leaves the
 /// adapter attached (the caller detaches).
@@ -557,19 +574,11 @@ pub fn train_single_image(
     attach_adapters(unet, style, None, true)?;
     let mut scales = AdapterScales::none();
     scales.set(CONTENT, Tensor::ones(1, dtype, &device)?);
-    let t = inputs.t;
-    let xt = schedule.add_noise(&inputs.x0_style, &inputs.noise, &[t])?;
-    let target = schedule.target(
-        schedule.prediction_type(),
-        &inputs.x0_style,
-        &inputs.noise,
-        &[t],
-    )?;
-    let loss = mse_loss(
+    let loss = step_loss(
         unet,
-        &xt,
-        t,
-        &target,
+        schedule,
+        &inputs.x0_style,
+        inputs,
         &inputs.cond_style,
         inputs.added_style.as_ref(),
         &scales,
@@ -592,21 +601,17 @@ pub fn train_iteration(
 ) -> Result<(f32, Option<f32>)> {
     let (content, opt_content) = content;
     let (style, opt_style) = style;
-    let pt = schedule.prediction_type();
-    let t = inputs.t;
     let dtype = inputs.x0_content.dtype();
     let device = inputs.x0_content.device().clone();
 
     attach_adapters(unet, content, None, true)?;
     let mut scales = AdapterScales::none();
     scales.set(CONTENT, Tensor::ones(1, dtype, &device)?);
-    let xt = schedule.add_noise(&inputs.x0_content, &inputs.noise, &[t])?;
-    let target = schedule.target(pt, &inputs.x0_content, &inputs.noise, &[t])?;
-    let loss = mse_loss(
+    let loss = step_loss(
         unet,
-        &xt,
-        t,
-        &target,
+        schedule,
+        &inputs.x0_content,
+        inputs,
         &inputs.cond_content,
         inputs.added_content.as_ref(),
         &scales,
@@ -621,13 +626,11 @@ pub fn train_iteration(
     }
     attach_adapters(unet, content, Some(style), false)?;
     scales.set(STYLE, Tensor::ones(1, dtype, &device)?);
-    let xt = schedule.add_noise(&inputs.x0_style, &inputs.noise, &[t])?;
-    let target = schedule.target(pt, &inputs.x0_style, &inputs.noise, &[t])?;
-    let loss = mse_loss(
+    let loss = step_loss(
         unet,
-        &xt,
-        t,
-        &target,
+        schedule,
+        &inputs.x0_style,
+        inputs,
         &inputs.cond_style,
         inputs.added_style.as_ref(),
         &scales,
