@@ -193,6 +193,18 @@ impl GenerationRequest {
                 ));
             }
         }
+        if let Some(from) = self
+            .style_from
+            .filter(|&f| f >= steps && !self.styles.is_empty())
+        {
+            return Err(GenerateError::setting(
+                "style-from",
+                format!(
+                    "must be below the number of steps ({steps}), or the styles would never be \
+                     applied (got {from})"
+                ),
+            ));
+        }
         if let Some(alpha) = self.lora_scale {
             if self.styles.len() != 1 {
                 return Err(GenerateError::setting(
@@ -704,6 +716,21 @@ mod tests {
             ..base.clone()
         })
         .contains("b: λ must be finite"));
+        let late = bad(GenerationRequest {
+            styles: two[..1].to_vec(),
+            steps: Some(10),
+            style_from: Some(10),
+            ..base.clone()
+        });
+        assert!(late.starts_with("style-from must be below"), "{late}");
+        // Without styles the schedule does not matter.
+        assert!(GenerationRequest {
+            steps: Some(10),
+            style_from: Some(10),
+            ..base.clone()
+        }
+        .check(&GenerateConfig::default())
+        .is_ok());
         assert!(bad(GenerationRequest {
             styles: two[..1].to_vec(),
             lora_scale: Some(f64::NAN),

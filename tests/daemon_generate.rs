@@ -7,7 +7,7 @@
 mod daemon_common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use daemon_common::{random_style, terminate, Setup};
@@ -121,7 +121,20 @@ fn a_two_style_generation_over_ipc_writes_the_png_the_cli_writes() {
     zero.steps = Some(0);
     let mut wide = base.clone();
     wide.width = Some(100_000);
-    for (job, needle) in [(unknown, "nope"), (zero, "steps"), (wide, "width")] {
+    let mut late = base.clone();
+    late.style_from = Some(3);
+    let mut two_scaled = base.clone();
+    two_scaled.lora_scale = Some(0.5);
+    let mut sampler = base.clone();
+    sampler.scheduler = Some("dpm++".into());
+    for (job, needle) in [
+        (unknown, "nope"),
+        (zero, "steps"),
+        (wide, "width"),
+        (late, "style-from"),
+        (two_scaled, "lora-scale"),
+        (sampler, "dpm++"),
+    ] {
         let (code, msg) = refused(&mut c, Request::SubmitGenerate { job, priority: 0 });
         assert_eq!(code, ErrorCode::InvalidRequest, "{msg}");
         assert!(msg.contains(needle), "{msg}");
@@ -242,6 +255,41 @@ fn a_two_style_generation_over_ipc_writes_the_png_the_cli_writes() {
         other => panic!("{other:?}"),
     }
     events_until_done(&mut c, j2);
+
+    // The sampler, the schedule and the LoRA-scale baseline travel with the job into the PNG.
+    let mut ddim = base.clone();
+    ddim.scheduler = Some("ddim".into());
+    ddim.style_from = Some(1);
+    let mut scaled = base.clone();
+    scaled.styles.truncate(1);
+    scaled.lora_scale = Some(0.5);
+    let params_of = |c: &mut Client, job: GenerateJob| {
+        let ReplyBody::Queued { job: id } = ok(c, Request::SubmitGenerate { job, priority: 0 })
+        else {
+            panic!("not queued")
+        };
+        let Some(Event::JobDone {
+            result: Some(path), ..
+        }) = events_until_done(c, id).last().cloned()
+        else {
+            panic!("job {id} made no image")
+        };
+        let text = read_png_text(Path::new(&path)).unwrap();
+        let params = text
+            .iter()
+            .find(|(k, _)| k == "parameters")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&params).unwrap()
+    };
+    let p = params_of(&mut c, ddim);
+    assert_eq!(p["scheduler"], "ddim", "{p}");
+    assert_eq!(p["guidance"]["mode"], "style", "{p}");
+    assert_eq!(p["guidance"]["from_step"], 1, "{p}");
+    let p = params_of(&mut c, scaled);
+    assert_eq!(p["guidance"]["mode"], "lora-scale", "{p}");
+    assert_eq!(p["guidance"]["style"], "ink", "{p}");
+    assert_eq!(p["guidance"]["alpha"], 0.5, "{p}");
     terminate(&mut daemon);
 }
 

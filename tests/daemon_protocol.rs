@@ -81,6 +81,9 @@ fn valid_messages() -> Vec<ClientMessage> {
                 cfg: Some(5.0),
                 width: Some(512),
                 height: None,
+                scheduler: Some("ddim".into()),
+                style_from: Some(4),
+                lora_scale: None,
             },
             priority: 2,
         },
@@ -88,6 +91,8 @@ fn valid_messages() -> Vec<ClientMessage> {
     v
 }
 
+// A test table entry; its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Expect {
     /// Must decode to this message.
     Valid(ClientMessage),

@@ -293,7 +293,8 @@ fn embedded_daemon_trains_and_generates() {
     tmux.keys(&["Enter"]);
     tmux.text("a red disc");
     tmux.keys(&["Enter"]);
-    for _ in 0..8 {
+    // From the prompt down to the style picker, the last field.
+    for _ in 1..pairstyle::tui::state::Field::ALL.len() {
         tmux.keys(&["Down"]);
     }
     tmux.keys(&["Space", "Down", "Space", "Right", "Right"]);

@@ -105,11 +105,22 @@ pub struct GenerateJob {
     pub width: Option<usize>,
     /// Image height in pixels.
     pub height: Option<usize>,
+    /// Sampler: `default` (the model's own), `euler`, `ddim` or `pndm`; `None` takes
+    /// `[generate] scheduler`.
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    /// First step (0-based) with style guidance; `None` takes `[style] from_step`.
+    #[serde(default)]
+    pub style_from: Option<usize>,
+    /// The LoRA-scale baseline instead of style guidance (exactly one style): plain CFG with that
+    /// style's LoRA at this scale.
+    #[serde(default)]
+    pub lora_scale: Option<f64>,
 }
 
 impl GenerateJob {
-    /// The job as a generation request (sampler, `style_from` and the LoRA-scale baseline take
-    /// their `[generate]` / `[style]` defaults).
+    /// The job as a generation request (unset fields take their `[generate]` / `[style]`
+    /// defaults when the request is prepared).
     pub fn to_request(&self) -> crate::generate::GenerationRequest {
         crate::generate::GenerationRequest {
             prompt: self.prompt.clone(),
@@ -120,7 +131,9 @@ impl GenerateJob {
             cfg: self.cfg,
             width: self.width,
             height: self.height,
-            ..Default::default()
+            scheduler: self.scheduler.clone(),
+            style_from: self.style_from,
+            lora_scale: self.lora_scale,
         }
     }
 }

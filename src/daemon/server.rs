@@ -239,11 +239,18 @@ impl Client {
             next_id: 1,
             events: Default::default(),
         };
-        c.send_message(&ClientMessage::Hello {
+        let sent = c.send_message(&ClientMessage::Hello {
             version: super::protocol::PROTOCOL_VERSION,
             client: name.to_string(),
-        })?;
-        match c.read_message()? {
+        });
+        // A daemon that refuses us writes its reason and closes at once, possibly before our
+        // hello arrives (the write then fails with a broken pipe): read the reason anyway.
+        let first = match (sent, c.read_message()) {
+            (_, Ok(msg)) => msg,
+            (Err(send_error), Err(_)) => return Err(send_error),
+            (Ok(()), Err(e)) => return Err(e),
+        };
+        match first {
             ServerMessage::Hello { .. } => Ok(c),
             ServerMessage::Error { message, .. } => Err(DaemonError::Config(format!(
                 "the daemon refused the connection: {message}"

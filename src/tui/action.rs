@@ -15,9 +15,8 @@ use crate::daemon::journal::{Job, JobSpec, JobState};
 use crate::daemon::protocol::{Event, ReplyBody, Request, StatusReport};
 use crate::library::StyleMeta;
 
-/// Why the schedule field cannot be changed from the UI.
-pub const STYLE_FROM_FIXED: &str =
-    "the daemon's generation jobs take no schedule yet: it uses its [style] from_step";
+/// The largest first step of style guidance the form accepts (the daemon's step limit).
+const MAX_STYLE_FROM: usize = 999;
 
 /// Ticks (100 ms each) between status refreshes.
 pub const STATUS_EVERY_TICKS: u64 = 20;
@@ -605,7 +604,7 @@ fn on_key(state: &mut AppState, key: KeyEvent) -> Vec<Command> {
 }
 
 fn numeric_field(state: &AppState) -> bool {
-    !state.form.field.is_text() && state.form.field != Field::Styles
+    state.form.field.is_numeric()
 }
 
 fn switch_view(state: &mut AppState, view: View) -> Vec<Command> {
@@ -940,8 +939,8 @@ fn on_generate_key(state: &mut AppState, key: KeyEvent) -> Vec<Command> {
                 None => state.notify(Level::Error, "the library has no styles yet"),
             }
         }
-        KeyCode::Enter | KeyCode::Char('0'..='9') if field == Field::StyleFrom => {
-            state.notify(Level::Error, STYLE_FROM_FIXED)
+        KeyCode::Enter | KeyCode::Char(' ') if field == Field::Sampler => {
+            state.form.step_sampler(1)
         }
         KeyCode::Enter => state.form.editing = Some(state.form.field_text(field)),
         KeyCode::Char(c) if c.is_ascii_digit() && numeric_field(state) => {
@@ -951,6 +950,7 @@ fn on_generate_key(state: &mut AppState, key: KeyEvent) -> Vec<Command> {
             Field::Seed => state.form.seed = None,
             Field::Width => state.form.width = None,
             Field::Height => state.form.height = None,
+            Field::Sampler => state.form.sampler = None,
             _ => {}
         },
         KeyCode::Left | KeyCode::Char('-') | KeyCode::Char('h') => adjust(state, -1),
@@ -1005,7 +1005,11 @@ fn adjust(state: &mut AppState, dir: i64) {
         Field::Cfg => form.cfg = (form.cfg + 0.5 * dir as f64).clamp(0.0, 30.0),
         Field::Width => form.width = size(form.width),
         Field::Height => form.height = size(form.height),
-        Field::StyleFrom => state.notify(Level::Error, STYLE_FROM_FIXED),
+        Field::Sampler => form.step_sampler(dir),
+        Field::StyleFrom => {
+            form.style_from =
+                (form.style_from as i64 + dir).clamp(0, MAX_STYLE_FROM as i64) as usize
+        }
         Field::Styles => {
             let Some(name) = state.styles.get(form.style_cursor).map(|s| s.name.clone()) else {
                 return;
@@ -1118,8 +1122,8 @@ fn commit_field(state: &mut AppState, text: &str) -> Result<(), String> {
         },
         Field::Width => form.width = size("width")?,
         Field::Height => form.height = size("height")?,
-        Field::StyleFrom => return Err(STYLE_FROM_FIXED.into()),
-        Field::Styles => {}
+        Field::StyleFrom => form.style_from = int("style-from step", 0, MAX_STYLE_FROM)?,
+        Field::Sampler | Field::Styles => {}
     }
     Ok(())
 }

@@ -174,14 +174,16 @@ async fn connect(ctx: &Ctx) -> Result<(UnixStream, String), String> {
     let mut stream = UnixStream::connect(socket)
         .await
         .map_err(|e| format!("no daemon on {}: {e}", socket.display()))?;
-    write(
+    // A daemon that refuses us writes its reason and closes, maybe before our hello arrives:
+    // a failed write is reported only if there is no reason to read.
+    let sent = write(
         &mut stream,
         &ClientMessage::Hello {
             version: PROTOCOL_VERSION,
             client: ctx.settings.name.clone(),
         },
     )
-    .await?;
+    .await;
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
     let mut buf = vec![0u8; 8192];
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
@@ -200,7 +202,13 @@ async fn connect(ctx: &Ctx) -> Result<(UnixStream, String), String> {
         }
     })
     .await
-    .map_err(|_| "the daemon did not answer the hello".to_string())??;
+    .map_err(|_| "the daemon did not answer the hello".to_string())
+    .and_then(|r| r);
+    let hello = match (hello, sent) {
+        (Ok(m), _) => m,
+        (Err(_), Err(send_error)) => return Err(send_error),
+        (Err(e), Ok(())) => return Err(e),
+    };
     let server = match hello {
         ServerMessage::Hello { server, .. } => server,
         ServerMessage::Error { message, .. } => {

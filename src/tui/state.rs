@@ -178,6 +178,8 @@ pub enum Field {
     Width,
     /// Height in pixels.
     Height,
+    /// The sampler (stepped through [`SAMPLERS`]).
+    Sampler,
     /// The first step with style guidance (the schedule option).
     StyleFrom,
     /// The style picker.
@@ -186,7 +188,7 @@ pub enum Field {
 
 impl Field {
     /// Every field in form order.
-    pub const ALL: [Field; 9] = [
+    pub const ALL: [Field; 10] = [
         Field::Prompt,
         Field::Negative,
         Field::Seed,
@@ -194,6 +196,7 @@ impl Field {
         Field::Cfg,
         Field::Width,
         Field::Height,
+        Field::Sampler,
         Field::StyleFrom,
         Field::Styles,
     ];
@@ -208,6 +211,7 @@ impl Field {
             Field::Cfg => "CFG",
             Field::Width => "Width",
             Field::Height => "Height",
+            Field::Sampler => "Sampler",
             Field::StyleFrom => "Style from step",
             Field::Styles => "Styles",
         }
@@ -216,6 +220,11 @@ impl Field {
     /// Whether the field holds free text (typed) rather than a number (also typed, or stepped).
     pub fn is_text(self) -> bool {
         matches!(self, Field::Prompt | Field::Negative)
+    }
+
+    /// Whether the field holds a number that can be typed.
+    pub fn is_numeric(self) -> bool {
+        !self.is_text() && !matches!(self, Field::Styles | Field::Sampler)
     }
 
     fn position(self) -> usize {
@@ -242,6 +251,16 @@ pub struct BlendEntry {
     pub lambda: f64,
 }
 
+/// The samplers the form steps through; `None` leaves the choice to the daemon's
+/// `[generate] scheduler`.
+pub const SAMPLERS: [Option<&str>; 5] = [
+    None,
+    Some("default"),
+    Some("euler"),
+    Some("ddim"),
+    Some("pndm"),
+];
+
 /// The generate form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateForm {
@@ -259,6 +278,8 @@ pub struct GenerateForm {
     pub width: Option<usize>,
     /// Height in pixels; `None` is the model's native size.
     pub height: Option<usize>,
+    /// The sampler (one of [`SAMPLERS`]); `None` is the daemon's `[generate] scheduler`.
+    pub sampler: Option<String>,
     /// Plain CFG before this step, style guidance from it (0: every step).
     pub style_from: usize,
     /// The chosen styles in the order they were picked.
@@ -289,6 +310,7 @@ impl GenerateForm {
             cfg: g.cfg,
             width: (g.width > 0).then_some(g.width),
             height: (g.height > 0).then_some(g.height),
+            sampler: None,
             style_from: defaults.style.from_step,
             blend: Vec::new(),
             field: Field::Prompt,
@@ -323,7 +345,20 @@ impl GenerateForm {
             cfg: Some(self.cfg),
             width: self.width,
             height: self.height,
+            scheduler: self.sampler.clone(),
+            style_from: Some(self.style_from),
+            lora_scale: None,
         }
+    }
+
+    /// Step the sampler through [`SAMPLERS`] by `dir` (wrapping).
+    pub fn step_sampler(&mut self, dir: i64) {
+        let n = SAMPLERS.len() as i64;
+        let at = SAMPLERS
+            .iter()
+            .position(|s| *s == self.sampler.as_deref())
+            .unwrap_or(0) as i64;
+        self.sampler = SAMPLERS[(at + dir).rem_euclid(n) as usize].map(str::to_string);
     }
 
     /// The current value of a non-style field as text (what editing starts from).
@@ -337,6 +372,7 @@ impl GenerateForm {
             Field::Cfg => format_number(self.cfg),
             Field::Width => opt(self.width),
             Field::Height => opt(self.height),
+            Field::Sampler => self.sampler.clone().unwrap_or_default(),
             Field::StyleFrom => self.style_from.to_string(),
             Field::Styles => String::new(),
         }

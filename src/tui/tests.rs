@@ -714,17 +714,44 @@ fn export_asks_the_daemon_for_an_absolute_path_or_its_default() {
 }
 
 #[test]
-fn the_schedule_is_the_daemons() {
+fn schedule_and_sampler_reach_the_job() {
     let mut s = ready(vec![]);
     press(&mut s, "3");
-    while s.form.field != Field::StyleFrom {
+    while s.form.field != Field::Sampler {
         update(&mut s, key(KeyCode::Down));
     }
-    let before = s.form.style_from;
+    // The sampler steps through the list and wraps; Backspace gives the choice back to the daemon.
+    assert_eq!(s.form.sampler, None);
     update(&mut s, key(KeyCode::Right));
+    assert_eq!(s.form.sampler.as_deref(), Some("default"));
+    update(&mut s, key(KeyCode::Enter));
+    update(&mut s, key(KeyCode::Right));
+    assert_eq!(s.form.sampler.as_deref(), Some("ddim"));
+    for _ in 0..4 {
+        update(&mut s, key(KeyCode::Left));
+    }
+    assert_eq!(s.form.sampler.as_deref(), Some("pndm"));
+    update(&mut s, key(KeyCode::Backspace));
+    assert_eq!(s.form.sampler, None);
+    update(&mut s, key(KeyCode::Left));
+    assert_eq!(s.form.sampler.as_deref(), Some("pndm"));
+
+    // The schedule is typed or stepped, and checked.
+    update(&mut s, key(KeyCode::Down));
+    assert_eq!(s.form.field, Field::StyleFrom);
     press(&mut s, "5");
     update(&mut s, key(KeyCode::Enter));
-    assert_eq!(s.form.style_from, before);
-    assert!(s.form.editing.is_none());
+    assert_eq!(s.form.style_from, 5);
+    update(&mut s, key(KeyCode::Right));
+    assert_eq!(s.form.style_from, 6);
+    update(&mut s, key(KeyCode::Enter));
+    press(&mut s, "x");
+    update(&mut s, key(KeyCode::Enter));
+    assert_eq!(s.form.style_from, 6);
     assert_eq!(s.visible_notice().map(|n| n.level), Some(Level::Error));
+
+    let job = s.form.to_job();
+    assert_eq!(job.scheduler.as_deref(), Some("pndm"));
+    assert_eq!(job.style_from, Some(6));
+    assert_eq!(job.lora_scale, None);
 }

@@ -29,10 +29,13 @@ pub fn field_value(form: &GenerateForm, field: Field) -> String {
             };
             v.map(|v| v.to_string()).unwrap_or_else(|| "model".into())
         }
-        Field::StyleFrom if form.style_from == 0 => {
-            "0: every step (daemon's [style] from_step)".into()
-        }
-        Field::StyleFrom => format!("{} (daemon's [style] from_step)", form.style_from),
+        Field::Sampler => match &form.sampler {
+            Some(s) if s == "default" => "default (the model's own)".into(),
+            Some(s) => s.clone(),
+            None => "daemon's [generate] scheduler".into(),
+        },
+        Field::StyleFrom if form.style_from == 0 => "0: every step".into(),
+        Field::StyleFrom => format!("{}: plain CFG before", form.style_from),
         Field::Cfg => format_number(form.cfg),
         f => form.field_text(f),
     }
