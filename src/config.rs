@@ -32,6 +32,17 @@ pub struct Config {
     pub style: StyleConfig,
     /// The daemon: state and socket locations, drop-folder rules, input limits.
     pub daemon: crate::daemon::DaemonConfig,
+    /// The terminal UI.
+    pub tui: TuiConfig,
+}
+
+/// `[tui]`: the terminal UI.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TuiConfig {
+    /// How pictures are drawn: `auto` (ask the terminal), `halfblocks`, `kitty`, `sixel` or
+    /// `iterm2`.
+    pub graphics: crate::tui::graphics::GraphicsSetting,
 }
 
 /// `[library]`: the style library.

@@ -90,6 +90,11 @@ pub enum Error {
     #[error("unsupported model feature: {0}")]
     Unsupported(String),
 
+    /// The PyTorch reference benchmark (`bench perf --vs-reference`) could not be run or its
+    /// output not read.
+    #[error("reference benchmark: {0}")]
+    Reference(String),
+
     /// A LoRA file or adapter set is malformed or does not fit the model: keys that name no
     /// adapted layer, a down-projection without its up-projection, layers the UNet lacks.
     #[error("LoRA {origin}: {message}")]

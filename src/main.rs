@@ -90,6 +90,10 @@ enum Command {
         /// Base model folder for a daemon started here (default: [model] path).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// How pictures are drawn: auto, halfblocks, kitty, sixel or iterm2 (default: [tui]
+        /// graphics).
+        #[arg(long, value_name = "MODE")]
+        graphics: Option<pairstyle::tui::graphics::GraphicsSetting>,
     },
     /// Ask the running daemon about itself, its devices and its job queue.
     Status {
@@ -152,28 +156,63 @@ enum BenchCommand {
     /// The toy model's quality bars: prompt accuracy on held-out prompts (read by the analyser)
     /// and VAE reconstruction PSNR on held-out scenes.
     ToyModel(ToyModelBenchArgs),
-    /// Pair Customization costs: one training iteration (content + style step) and a sampling step
-    /// with 0 (plain CFG), 1, 2 and 4 styles, on a model folder's UNet or a real-size random one.
-    Cost {
-        /// Model folder whose UNet to use (its real weights).
-        #[arg(long, conflicts_with = "size")]
-        model: Option<PathBuf>,
-        /// Or a real-size architecture with random weights: sd15 or sdxl.
-        #[arg(long)]
-        size: Option<String>,
-        /// Latent side (32 = 256 px for an 8× VAE).
-        #[arg(long, default_value_t = 32)]
-        latent: usize,
-        /// LoRA rank of both adapters.
-        #[arg(long, default_value_t = 64)]
-        rank: usize,
-        /// Timed repetitions per case (after one warm-up); the median is printed.
-        #[arg(long, default_value_t = 3)]
-        reps: usize,
-        /// Style counts for the sampling cases.
-        #[arg(long, value_delimiter = ',', default_value = "0,1,2,4")]
-        styles: Vec<usize>,
-    },
+    /// Performance: time, peak memory, FLOPs needed and fraction of the measured machine peak
+    /// of one Pair Customization training iteration (content + style step) and of sampling steps
+    /// with 0 (plain CFG), 1, 2 and 4 styles, on a model folder's UNet or a real-size random one;
+    /// with --vs-reference, also the PyTorch reference and the ratios ours/reference.
+    /// `bench cost` is the old name.
+    #[command(alias = "cost")]
+    Perf(PerfArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PerfArgs {
+    /// Model folder whose UNet to use (its real weights).
+    #[arg(long, conflicts_with = "size")]
+    model: Option<PathBuf>,
+    /// Or a real-size architecture with random weights: sd15 or sdxl.
+    #[arg(long)]
+    size: Option<String>,
+    /// Latent side of the training iteration (32 = 256 px for an 8× VAE).
+    #[arg(long, default_value_t = 32)]
+    latent: usize,
+    /// Latent side of the sampling steps (default: --latent).
+    #[arg(long)]
+    sample_latent: Option<usize>,
+    /// LoRA rank of both adapters.
+    #[arg(long, default_value_t = 64)]
+    rank: usize,
+    /// Timed repetitions per case (after one warm-up); the median is printed.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Style counts for the sampling cases (0 = plain CFG).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,4")]
+    styles: Vec<usize>,
+    /// Skip the training iteration (sampling cases only).
+    #[arg(long)]
+    no_train: bool,
+    /// CPU threads (default: [runtime] threads, else $RAYON_NUM_THREADS, else all cores); the
+    /// reference gets the same number.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also run the PyTorch reference (tools/reference/bench_reference.py) with the same cases
+    /// and threads, then print the ratios ours/reference.
+    #[arg(long)]
+    vs_reference: bool,
+    /// Python for the reference (default: $PYTHON, else tools/reference/.venv/bin/python if it
+    /// exists, else python3).
+    #[arg(long, requires = "vs_reference")]
+    python: Option<PathBuf>,
+    /// The reference script (default: tools/reference/bench_reference.py of the source tree).
+    #[arg(long, requires = "vs_reference")]
+    reference_script: Option<PathBuf>,
+    /// Reference only: copy two costs of the published Pair Customization code (see
+    /// tools/reference/README.md).
+    #[arg(long, requires = "vs_reference")]
+    as_published: bool,
+    /// Reference only: also time each N-style step as one PEFT mixed-adapter batch.
+    #[arg(long, requires = "vs_reference")]
+    mixed_batch: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -356,6 +395,7 @@ fn run(cli: Cli) -> Result<()> {
     let command = cli.command.unwrap_or(Command::Tui {
         watch: None,
         model: None,
+        graphics: None,
     });
     if let Command::Tui { .. } = &command {
         // The screen belongs to the UI: log to a file instead of stderr.
@@ -380,7 +420,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Toy { command } => toy(command),
         Command::Daemon { watch, model } => daemon(config.clone(), watch, model.as_deref()),
         Command::Status { json } => status(&config, json),
-        Command::Tui { watch, model } => tui(config.clone(), watch, model.as_deref()),
+        Command::Tui {
+            watch,
+            model,
+            graphics,
+        } => {
+            let mut config = config.clone();
+            if let Some(g) = graphics {
+                config.tui.graphics = g;
+            }
+            tui(config, watch, model.as_deref())
+        }
         Command::Config => {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
@@ -1046,23 +1096,136 @@ fn bench_toy_model(config: &Config, a: ToyModelBenchArgs) -> Result<()> {
 }
 
 fn bench(config: &Config, command: BenchCommand) -> Result<()> {
-    let (model, size, latent, rank, reps, styles) = match command {
-        BenchCommand::Method(a) => return bench_method(config, a),
-        BenchCommand::ToyModel(a) => return bench_toy_model(config, a),
-        BenchCommand::Cost {
-            model,
-            size,
-            latent,
-            rank,
-            reps,
-            styles,
-        } => (model, size, latent, rank, reps, styles),
-    };
+    match command {
+        BenchCommand::Method(a) => bench_method(config, a),
+        BenchCommand::ToyModel(a) => bench_toy_model(config, a),
+        BenchCommand::Perf(a) => bench_perf(config, a),
+    }
+}
+
+/// Where `tools/reference/bench_reference.py` is: under the working directory, above the
+/// executable (target/<profile>/pairstyle), or in the source tree this binary was built from.
+fn find_reference_script() -> PathBuf {
+    let rel = Path::new("tools/reference/bench_reference.py");
+    let mut candidates = vec![rel.to_path_buf()];
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).map(|d| d.join(rel)));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel));
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| rel.to_path_buf())
+}
+
+/// `pairstyle bench perf` (alias `bench cost`).
+fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
+    use pairstyle::bench::compare;
+
+    if let Some(t) = a.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // Before any tensor work: candle's CPU kernels size their pools from this.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+    let sample_latent = a.sample_latent.unwrap_or(a.latent);
+    if a.latent == 0 || sample_latent == 0 || a.rank == 0 || a.reps == 0 {
+        bail!("--latent, --sample-latent, --rank and --reps must be at least 1");
+    }
     let device = config.runtime.device.parse::<DeviceSpec>()?.resolve()?;
-    let (label, mut unet) = match (model, size.as_deref()) {
+    let source = match (&a.model, a.size.as_deref()) {
+        (Some(dir), _) => vec!["--model".to_string(), dir.display().to_string()],
+        (None, Some(s @ ("sd15" | "sdxl"))) => vec!["--size".to_string(), s.to_string()],
+        (None, Some(other)) => bail!("--size {other}: use sd15 or sdxl"),
+        (None, None) => bail!("pass --model DIR or --size sd15|sdxl"),
+    };
+
+    // The reference first: it fails fast when Python or its packages are missing, and it runs
+    // while this process holds no model.
+    let reference = if a.vs_reference {
+        if !device.is_cpu() {
+            bail!(
+                "--vs-reference compares on the CPU (the reference runs there); pass --device cpu"
+            );
+        }
+        let script = a
+            .reference_script
+            .clone()
+            .unwrap_or_else(find_reference_script);
+        let python = a
+            .python
+            .clone()
+            .or_else(|| std::env::var_os("PYTHON").map(PathBuf::from))
+            .unwrap_or_else(|| {
+                let venv = script
+                    .parent()
+                    .map(|d| d.join(".venv/bin/python"))
+                    .filter(|p| p.is_file());
+                venv.unwrap_or_else(|| PathBuf::from("python3"))
+            });
+        let styles = a
+            .styles
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut args = source.clone();
+        for (flag, v) in [
+            ("--latent", a.latent.to_string()),
+            ("--sample-latent", sample_latent.to_string()),
+            ("--rank", a.rank.to_string()),
+            ("--reps", a.reps.to_string()),
+            ("--styles", styles),
+            ("--threads", threads.to_string()),
+        ] {
+            args.push(flag.to_string());
+            args.push(v);
+        }
+        for (on, flag) in [
+            (a.no_train, "--no-train"),
+            (a.as_published, "--as-published"),
+            (a.mixed_batch, "--mixed-batch"),
+        ] {
+            if on {
+                args.push(flag.to_string());
+            }
+        }
+        println!(
+            "## reference: {} {} {} (OMP_NUM_THREADS={threads})",
+            python.display(),
+            script.display(),
+            args.join(" ")
+        );
+        std::io::stdout().flush().ok();
+        let cmd = compare::ReferenceCommand {
+            python,
+            script,
+            args,
+            threads,
+        };
+        let out = compare::run_reference(&cmd)?;
+        print!("{out}");
+        println!();
+        Some(compare::parse_report(&out).context("reading the reference's table")?)
+    } else {
+        None
+    };
+
+    let (label, mut unet) = match (&a.model, a.size.as_deref()) {
         (Some(dir), _) => {
             let m =
-                ModelDir::open(&dir).with_context(|| format!("opening model {}", dir.display()))?;
+                ModelDir::open(dir).with_context(|| format!("opening model {}", dir.display()))?;
             let unet = pairstyle::engine::unet::UNet::load(
                 &m,
                 config.model.variant,
@@ -1071,58 +1234,66 @@ fn bench(config: &Config, command: BenchCommand) -> Result<()> {
             )?;
             (dir.display().to_string(), unet)
         }
-        (None, Some("sd15")) => (
-            "SD1.5-size UNet, random weights".to_string(),
-            pairstyle::bench::random_unet(
-                pairstyle::bench::SD15_UNET_CONFIG,
-                0,
-                candle_core::DType::F32,
-                &device,
-            )?,
-        ),
-        (None, Some("sdxl")) => (
-            "SDXL-size UNet, random weights".to_string(),
-            pairstyle::bench::random_unet(
-                pairstyle::bench::SDXL_UNET_CONFIG,
-                0,
-                candle_core::DType::F32,
-                &device,
-            )?,
-        ),
-        (None, Some(other)) => bail!("--size {other}: use sd15 or sdxl"),
+        (None, Some(size)) => {
+            let (json, label) = if size == "sdxl" {
+                (
+                    pairstyle::bench::SDXL_UNET_CONFIG,
+                    "SDXL-size UNet, random weights",
+                )
+            } else {
+                (
+                    pairstyle::bench::SD15_UNET_CONFIG,
+                    "SD1.5-size UNet, random weights",
+                )
+            };
+            let unet = pairstyle::bench::random_unet(json, 0, candle_core::DType::F32, &device)?;
+            (label.to_string(), unet)
+        }
         (None, None) => bail!("pass --model DIR or --size sd15|sdxl"),
     };
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
-        format!(
-            "{} (all)",
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        )
-    });
-    println!("# {label}; latent {latent}x{latent}, batch 1 per branch, f32, rank {rank}, threads {threads}, median of {reps} after 1 warm-up");
-    let b = pairstyle::bench::CostBench {
-        latent,
-        rank,
-        reps,
-        styles,
+    const GEMM_N: usize = 1024;
+    const GEMM_TRIES: usize = 10;
+    let peak = pairstyle::bench::measure_gemm_peak(GEMM_N, GEMM_TRIES, &device)?;
+    if a.vs_reference {
+        println!("## ours: pairstyle bench perf {}", source.join(" "));
+    }
+    let sampling = if sample_latent == a.latent {
+        String::new()
+    } else {
+        format!(" (sampling {sample_latent}x{sample_latent})")
     };
-    let rows = pairstyle::bench::run_cost_bench(&mut unet, &b, &device)?;
-    let plain = rows
-        .iter()
-        .find(|r| r.case.contains("plain CFG"))
-        .map(|r| r.median_s);
-    println!("| case | s | × plain CFG step | peak RSS MiB |");
-    println!("|---|---|---|---|");
-    for r in rows {
-        let ratio = match plain {
-            Some(p) if r.case.starts_with("sampling") => format!("{:.2}", r.median_s / p),
-            _ => "".into(),
-        };
-        println!(
-            "| {} | {:.3} | {} | {:.0} |",
-            r.case, r.median_s, ratio, r.peak_mib
-        );
+    println!(
+        "# ours (candle 0.11, {}): {label}; latent {l}x{l}{sampling}, batch 1 per branch, f32, rank {}, threads {threads}, median of {} after 1 warm-up",
+        if cfg!(debug_assertions) { "dev profile" } else { "release profile" },
+        a.rank,
+        a.reps,
+        l = a.latent,
+    );
+    println!(
+        "{} {peak:.1} GFLOP/s (f32 GEMM {GEMM_N}×{GEMM_N}×{GEMM_N}, candle matmul, best of {GEMM_TRIES}, {threads} threads)",
+        compare::PEAK_PREFIX
+    );
+    println!(
+        "# GFLOP: needed, counted analytically (matmul-class work; training = forward + input-gradient backward of the live part + LoRA weight gradients; docs/perf.md)"
+    );
+    std::io::stdout().flush().ok();
+    let b = pairstyle::bench::PerfBench {
+        latent: a.latent,
+        sample_latent,
+        rank: a.rank,
+        reps: a.reps,
+        styles: a.styles,
+        train: !a.no_train,
+    };
+    let rows = pairstyle::bench::run_perf_bench(&mut unet, &b, &device)?;
+    let table = pairstyle::bench::perf_table(&rows, peak);
+    print!("{table}");
+    if let Some(reference) = reference {
+        let ours =
+            compare::parse_report(&format!("{} {peak} GFLOP/s\n{table}", compare::PEAK_PREFIX))
+                .context("reading our own table")?;
+        println!();
+        print!("{}", compare::ratio_table(&ours, &reference));
     }
     Ok(())
 }

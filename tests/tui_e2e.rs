@@ -9,9 +9,11 @@
 //!   when it goes away and reconnects by itself when it is back.
 //!
 //! Both skip (with a message) where tmux is not installed. With `PAIRSTYLE_TUI_SCREENSHOTS=DIR`
-//! the first one also writes the screen of each view to `DIR/<view>.txt` (docs/tui/ holds them).
+//! the first one also writes the screen of each view to `DIR/<view>.txt` and, drawn from the
+//! coloured capture (`capture-pane -e`), `DIR/<view>.png` (docs/tui/ holds them).
 
 mod common;
+mod screenshot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +22,8 @@ use std::time::{Duration, Instant};
 use image::{Rgb, RgbImage};
 
 const WAIT: Duration = Duration::from_secs(300);
+/// The first test's terminal size (columns, rows).
+const SCREEN: (usize, usize) = (110, 32);
 
 fn tmux_available() -> bool {
     Command::new("tmux")
@@ -88,6 +92,16 @@ impl Tmux {
         std::thread::sleep(Duration::from_millis(250));
     }
 
+    /// The screen with its colours as SGR escapes.
+    fn screen_ansi(&self) -> String {
+        let out = self
+            .cmd()
+            .args(["capture-pane", "-e", "-p", "-t", "ui"])
+            .output()
+            .expect("tmux capture-pane -e");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     fn screen(&self) -> String {
         let out = self
             .cmd()
@@ -148,7 +162,11 @@ impl Setup {
              style_rank = 4\nresolution = 16\ncheckpoint_every = 2\nseed = 11\n\
              [generate]\nsteps = 2\n\
              [daemon]\nstate_dir = {state:?}\nwatch = {watch:?}\nsocket = {socket:?}\n\
-             stability_secs = 1\npoll_interval_secs = 1\nlone_timeout_secs = 3\n",
+             stability_secs = 1\npoll_interval_secs = 1\nlone_timeout_secs = 3\n\
+             [tui]\ngraphics = {graphics:?}\n",
+            // The screenshots test draws half blocks (what capture-pane can show); the others ask
+            // tmux what it supports, as a user's first start would.
+            graphics = if name == "emb" { "halfblocks" } else { "auto" },
             model = common::fixture("tiny-sd15").display().to_string(),
             state = state.display().to_string(),
             watch = watch.display().to_string(),
@@ -219,14 +237,19 @@ impl Drop for Setup {
     }
 }
 
-/// Save a screen for the docs when asked to.
-fn screenshot(name: &str, screen: &str) {
+/// Save a screen for the docs when asked to: its text, and a PNG drawn from the coloured capture
+/// taken now (`cols` × `rows` cells).
+fn screenshot(tmux: &Tmux, (cols, rows): (usize, usize), name: &str, screen: &str) {
     if let Ok(dir) = std::env::var("PAIRSTYLE_TUI_SCREENSHOTS") {
         let dir = PathBuf::from(dir);
         std::fs::create_dir_all(&dir).expect("screenshot folder");
         let text: Vec<&str> = screen.lines().map(str::trim_end).collect();
         std::fs::write(dir.join(format!("{name}.txt")), text.join("\n") + "\n")
             .expect("screenshot");
+        let grid = screenshot::parse(&tmux.screen_ansi(), cols, rows);
+        screenshot::render(&grid)
+            .save(dir.join(format!("{name}.png")))
+            .expect("screenshot PNG");
     }
 }
 
@@ -261,7 +284,7 @@ fn embedded_daemon_trains_and_generates() {
     std::fs::copy(s.watch.join("ink/style.png"), cut.join("style.png")).expect("cut");
 
     let script = s.script("");
-    let tmux = Tmux::start("emb", &script, 110, 32);
+    let tmux = Tmux::start("emb", &script, SCREEN.0 as u16, SCREEN.1 as u16);
     let log = s.log();
     tmux.wait("the embedded daemon in the status bar", &log, |t| {
         t.contains("embedded daemon") && t.contains("pairstyle 0.1.0")
@@ -269,7 +292,7 @@ fn embedded_daemon_trains_and_generates() {
     let styles = tmux.wait("two trained styles", &log, |t| {
         t.contains("Styles 2/2") && t.contains(" ink ") && t.contains("oil")
     });
-    screenshot("styles", &styles);
+    screenshot(&tmux, SCREEN, "styles", &styles);
 
     tmux.keys(&["2"]);
     let jobs = tmux.wait("the training jobs done", &log, |t| {
@@ -278,14 +301,14 @@ fn embedded_daemon_trains_and_generates() {
             .count()
             >= 2
     });
-    screenshot("jobs", &jobs);
+    screenshot(&tmux, SCREEN, "jobs", &jobs);
 
     tmux.keys(&["4"]);
     let drop = tmux.wait("the bad pair failed", &log, |t| {
         t.lines()
             .any(|l| l.contains("failed ") && l.contains(" cut"))
     });
-    screenshot("dropfolder", &drop);
+    screenshot(&tmux, SCREEN, "dropfolder", &drop);
 
     // Generate: prompt, two styles with weights, submit.
     tmux.keys(&["3"]);
@@ -307,7 +330,7 @@ fn embedded_daemon_trains_and_generates() {
         t.contains(": done ") || t.contains("not implemented") || t.contains(": failed ")
     });
     if outcome.contains("not implemented") {
-        screenshot("generate", &outcome);
+        screenshot(&tmux, SCREEN, "generate", &outcome);
         eprintln!(
             "NOTE tui_e2e: this daemon does not run generation jobs yet; the submission reached \
              it and its refusal is on screen"
@@ -318,7 +341,7 @@ fn embedded_daemon_trains_and_generates() {
         let shown = tmux.wait("the result picture", &log, |t| {
             t.contains('▀') && t.contains("Outputs (1)") && t.contains("a red disc")
         });
-        screenshot("generate", &shown);
+        screenshot(&tmux, SCREEN, "generate", &shown);
         // The finished job is in the Jobs view with its blend.
         tmux.keys(&["2"]);
         tmux.wait("the generation job in the jobs view", &log, |t| {
@@ -330,7 +353,7 @@ fn embedded_daemon_trains_and_generates() {
     let help = tmux.wait("the help overlay", &log, |t| {
         t.contains("Keys (Esc closes)")
     });
-    screenshot("help", &help);
+    screenshot(&tmux, SCREEN, "help", &help);
     tmux.keys(&["q", "q"]);
     tmux.wait("a clean exit", &log, |t| t.contains("EXITED 0"));
     // The daemon stopped with the UI: its socket is gone.

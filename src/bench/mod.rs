@@ -1,9 +1,14 @@
 //! Benchmarks that print numbers (never timed assertions in tests):
 //! - [`quality`]: Pair Customization against its baselines on the synthetic world with exact
 //!   ground truth, and the toy model's own quality bars;
-//! - here: the cost of Pair Customization's training iteration and of style-guided sampling
-//!   steps, on the tiny fixture UNet or a real-size UNet with random weights.
+//! - here (`pairstyle bench perf`, formerly `bench cost`): the cost of Pair Customization's
+//!   training iteration and of style-guided sampling steps, on the tiny fixture UNet or a
+//!   real-size UNet with random weights, with the FLOPs each needs ([`flops`]) and the fraction of
+//!   the machine's measured f32 GEMM peak that achieves;
+//! - [`compare`]: the same cases run by the PyTorch reference (`tools/reference/`), side by side.
 
+pub mod compare;
+pub mod flops;
 pub mod quality;
 
 use std::time::Instant;
@@ -76,25 +81,58 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// A UNet built from a published config with seeded random weights.
-pub fn random_unet(config_json: &str, seed: u64, dtype: DType, device: &Device) -> Result<UNet> {
+/// Resolve a UNet `config.json` given as text (e.g. [`SD15_UNET_CONFIG`]).
+pub fn config_from_json(config_json: &str) -> Result<UNetConfig> {
     let file: UNetConfigFile =
         serde_json::from_str(config_json).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    let cfg = UNetConfig::resolve(file, std::path::Path::new("<built-in config>"))?;
-    UNet::new(cfg, &Weights::random(seed, 0.02, dtype, device))
+    UNetConfig::resolve(file, std::path::Path::new("<built-in config>"))
+}
+
+/// A UNet built from a published config with seeded random weights.
+pub fn random_unet(config_json: &str, seed: u64, dtype: DType, device: &Device) -> Result<UNet> {
+    UNet::new(
+        config_from_json(config_json)?,
+        &Weights::random(seed, 0.02, dtype, device),
+    )
+}
+
+/// The machine's f32 matmul throughput as this process sees it: the best of `tries` timed
+/// `n × n × n` candle matmuls (after one warm-up) on `device`, with the current thread count, in
+/// GFLOP/s (`2·n³` FLOPs each). `bench perf` divides achieved GFLOP/s by this.
+pub fn measure_gemm_peak(n: usize, tries: usize, device: &Device) -> Result<f64> {
+    if n == 0 {
+        return Err(Error::InvalidArgument("GEMM size must be positive".into()));
+    }
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    a.matmul(&b)?; // warm-up: thread pools, packing buffers
+    device.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..tries.max(1) {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
 /// What to measure.
 #[derive(Debug, Clone)]
-pub struct CostBench {
-    /// Latent side (e.g. 32 for 256 px with an 8× VAE).
+pub struct PerfBench {
+    /// Latent side of the training iteration (e.g. 32 for 256 px with an 8× VAE).
     pub latent: usize,
+    /// Latent side of the sampling steps (the issue times sampling at 64 = 512 px).
+    pub sample_latent: usize,
     /// LoRA rank of both adapters.
     pub rank: usize,
     /// Timed repetitions per case (after one warm-up).
     pub reps: usize,
     /// Style counts to time sampling steps for (0 = plain CFG).
     pub styles: Vec<usize>,
+    /// Whether to time the training iteration.
+    pub train: bool,
 }
 
 /// One measured row.
@@ -106,6 +144,52 @@ pub struct BenchRow {
     pub median_s: f64,
     /// Peak RSS in MiB while running it.
     pub peak_mib: f64,
+    /// Latent side it ran at.
+    pub latent: usize,
+    /// FLOPs one repetition needs ([`flops`] convention).
+    pub flops: u64,
+}
+
+impl BenchRow {
+    /// Achieved GFLOP/s (FLOPs needed / median time).
+    pub fn gflops_per_s(&self) -> f64 {
+        self.flops as f64 / self.median_s / 1e9
+    }
+}
+
+/// The `bench perf` table (header [`compare::TABLE_HEADER`]): median seconds, ratio to the plain
+/// CFG step for sampling rows, peak RSS, latent side, GFLOP needed, achieved GFLOP/s and its
+/// percentage of `peak_gflops` (the measured GEMM peak).
+pub fn perf_table(rows: &[BenchRow], peak_gflops: f64) -> String {
+    let plain = rows
+        .iter()
+        .find(|r| r.case.contains("plain CFG"))
+        .map(|r| r.median_s);
+    let mut out = format!(
+        "{}
+|---|---|---|---|---|---|---|---|
+",
+        compare::TABLE_HEADER
+    );
+    for r in rows {
+        let ratio = match plain {
+            Some(p) if r.case.starts_with("sampling") => format!("{:.2}", r.median_s / p),
+            _ => String::new(),
+        };
+        let achieved = r.gflops_per_s();
+        out.push_str(&format!(
+            "| {} | {:.3} | {} | {:.0} | {} | {:.3} | {:.1} | {:.1} |\n",
+            r.case,
+            r.median_s,
+            ratio,
+            r.peak_mib,
+            r.latent,
+            r.flops as f64 / 1e9,
+            achieved,
+            100.0 * achieved / peak_gflops
+        ));
+    }
+    out
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -125,18 +209,26 @@ fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
     Ok((median(times), peak_rss_mib()))
 }
 
-/// Time one training iteration (content + style step with backward and AdamW) and one sampling
-/// step for each style count, on `unet` with random inputs.
-pub fn run_cost_bench(unet: &mut UNet, b: &CostBench, device: &Device) -> Result<Vec<BenchRow>> {
+/// Time one training iteration (content + style step with backward and AdamW; unless
+/// `b.train` is false) and one sampling step for each style count, on `unet` with random inputs.
+pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result<Vec<BenchRow>> {
+    if b.latent == 0 || b.sample_latent == 0 || b.rank == 0 {
+        return Err(Error::InvalidArgument(
+            "--latent, --sample-latent and --rank must be positive".into(),
+        ));
+    }
     let dtype = DType::F32;
     let cross = unet.config().down[0].cross_attention_dim;
     let pooled_dim = unet.config().text_time.map(|(a, p)| p - 6 * a);
     let mut noise = NoiseSource::new(0);
-    let latent =
-        |n: &mut NoiseSource, batch: usize| n.randn(&[batch, 4, b.latent, b.latent], dtype, device);
+    let in_ch = unet.config().file.in_channels;
+    let latent_at = |n: &mut NoiseSource, batch: usize, side: usize| {
+        n.randn(&[batch, in_ch, side, side], dtype, device)
+    };
+    let latent = |n: &mut NoiseSource, batch: usize| latent_at(n, batch, b.latent);
     let cond = |n: &mut NoiseSource, batch: usize| -> Result<Conditioning> {
         Ok(Conditioning {
-            context: n.randn(&[batch, 77, cross], dtype, device)?,
+            context: n.randn(&[batch, flops::CONTEXT_TOKENS, cross], dtype, device)?,
             pooled: match pooled_dim {
                 Some(p) => Some(n.randn(&[batch, p], dtype, device)?),
                 None => None,
@@ -196,21 +288,26 @@ pub fn run_cost_bench(unet: &mut UNet, b: &CostBench, device: &Device) -> Result
         style_step: true,
     };
     let mut rows = Vec::new();
-    let (s, m) = timed(b.reps, || {
-        train_iteration(
-            unet,
-            &schedule,
-            (&content, &mut opt_c),
-            (&style, &mut opt_s),
-            &inputs,
-        )
-        .map(|_| ())
-    })?;
-    rows.push(BenchRow {
-        case: format!("training iteration (content + style step), rank {}", b.rank),
-        median_s: s,
-        peak_mib: m,
-    });
+    if b.train {
+        let needed = flops::training_iteration(unet.config(), b.latent, b.rank)?.total();
+        let (s, m) = timed(b.reps, || {
+            train_iteration(
+                unet,
+                &schedule,
+                (&content, &mut opt_c),
+                (&style, &mut opt_s),
+                &inputs,
+            )
+            .map(|_| ())
+        })?;
+        rows.push(BenchRow {
+            case: format!("training iteration (content + style step), rank {}", b.rank),
+            median_s: s,
+            peak_mib: m,
+            latent: b.latent,
+            flops: needed,
+        });
+    }
     crate::trainer::detach_adapters(unet);
 
     // Sampling: attach up to max(styles) style adapters, each a copy of the learned style.
@@ -223,7 +320,7 @@ pub fn run_cost_bench(unet: &mut UNet, b: &CostBench, device: &Device) -> Result
         let batch = 2 + n;
         let c = cond(&mut noise, batch)?;
         let a = added(&c, batch)?;
-        let x = latent(&mut noise, batch)?;
+        let x = latent_at(&mut noise, batch, b.sample_latent)?;
         let ts = Tensor::new(vec![500f32; batch], device)?;
         let mut scales = AdapterScales::none();
         for i in 0..n {
@@ -231,6 +328,7 @@ pub fn run_cost_bench(unet: &mut UNet, b: &CostBench, device: &Device) -> Result
             v[2 + i] = 1.0;
             scales.set(&format!("style{i}"), Tensor::new(v, device)?);
         }
+        let needed = flops::sampling_step(unet.config(), b.sample_latent, n, b.rank)?.total();
         let (s, m) = timed(b.reps, || {
             unet.forward(&x, &ts, &c.context, a.as_ref(), &scales)
                 .map(|_| ())
@@ -244,6 +342,8 @@ pub fn run_cost_bench(unet: &mut UNet, b: &CostBench, device: &Device) -> Result
             case,
             median_s: s,
             peak_mib: m,
+            latent: b.sample_latent,
+            flops: needed,
         });
     }
     for i in 0..max_styles {

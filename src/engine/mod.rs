@@ -5,6 +5,7 @@
 //! between pixels and latents, [`scheduler`] walks the noise schedule, and [`pipeline`] ties them
 //! into text-to-image sampling with classifier-free guidance.
 
+pub mod attention;
 pub mod device;
 pub mod frozen;
 pub mod image_io;

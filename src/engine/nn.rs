@@ -361,9 +361,31 @@ pub fn upcast(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Scaled dot-product attention on [B, N, H·D] queries and [B, M, H·D] keys/values, split into
-/// `heads` heads. With `upcast`, scores and softmax are computed in f32 (diffusers'
-/// `upcast_attention`). Only ops with a correct backward are used.
+/// `heads` heads, with a correct backward.
+///
+/// f32 and f64 inputs on the CPU go through the fused kernel
+/// ([`super::attention::fused_attention`]: no per-head copies, no [B·H, N, M] probability tensor
+/// kept for the backward, which recomputes it); there `upcast_scores` changes nothing, scores
+/// already being in the input precision. Everything else (half precision, GPU devices) goes
+/// through [`attention_composed`].
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    upcast_scores: bool,
+) -> Result<Tensor> {
+    if super::attention::is_supported(q, k, v) {
+        super::attention::fused_attention(q, k, v, heads)
+    } else {
+        attention_composed(q, k, v, heads, upcast_scores)
+    }
+}
+
+/// Scaled dot-product attention composed from candle ops with a correct backward (the reference
+/// for the fused kernel, and the path for half precision and GPU devices). With
+/// `upcast_scores`, scores and softmax are computed in f32 (diffusers' `upcast_attention`).
+pub fn attention_composed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -36,6 +36,8 @@ pub fn run(options: TuiOptions) -> Result<(), TuiError> {
         options.embedded,
     );
     let mut terminal = ratatui::try_init().map_err(TuiError::Terminal)?;
+    // Asked once, in raw mode and before any event is read (the answer arrives on stdin).
+    state.graphics = super::graphics::detect(options.config.tui.graphics);
     let result = event_loop(&mut terminal, &mut state, &client, &rx);
     let restored = ratatui::try_restore().map_err(TuiError::Terminal);
     drop(client);

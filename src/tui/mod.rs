@@ -15,6 +15,7 @@ pub mod action;
 pub mod app;
 pub mod client;
 pub mod disk;
+pub mod graphics;
 pub mod state;
 pub mod view;
 

@@ -89,7 +89,7 @@ pub enum Connection {
 }
 
 /// A decoded picture, small enough to keep in the state (a thumbnail of the file).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Picture {
     /// Width in pixels.
     pub width: u32,
@@ -514,6 +514,8 @@ pub struct AppState {
     pub embedded: bool,
     /// The socket path, for the status bar.
     pub socket: String,
+    /// The terminal's graphics protocol for pictures; `None`: half blocks.
+    pub graphics: Option<crate::tui::graphics::Graphics>,
     /// The daemon's latest status report.
     pub status: Option<StatusReport>,
     /// Every job, as last listed (the UI keeps them current from events in between).
@@ -563,6 +565,7 @@ impl AppState {
             connection: Connection::Connecting,
             embedded,
             socket,
+            graphics: None,
             status: None,
             jobs: Vec::new(),
             history: BTreeMap::new(),

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""PyTorch + diffusers + PEFT reference for `pairstyle bench cost`.
+"""PyTorch + diffusers + PEFT reference for `pairstyle bench perf` (formerly `bench cost`).
 
-Runs the same cases with the same shapes as `src/bench/mod.rs` (`run_cost_bench`) on the CPU,
-f32, and prints the same markdown table (case | s | × plain CFG step | peak RSS MiB):
+Runs the same cases with the same shapes as `src/bench/mod.rs` (`run_perf_bench`) on the CPU,
+f32, and prints the same markdown table
+(case | s | × plain CFG step | peak RSS MiB | latent | GFLOP | GFLOP/s | % of peak):
 
 1. one Pair Customization training iteration: content step (only the content LoRA active, MSE
    against the noise, backward, AdamW on the content B's) then style step (content LoRA active as a
@@ -11,6 +12,13 @@ f32, and prints the same markdown table (case | s | × plain CFG step | peak RSS
 3. for each N > 0 in --styles: a style-guided sampling step with N styles, done the way the
    published Pair Customization pipeline does it (PEFT has no per-sample adapter scale vector):
    the batched [uncond, cond] base pass plus one batch-1 pass per style.
+
+GFLOP is counted, not assumed: one extra untimed run of each case with forward hooks on every
+nn.Conv2d / nn.Linear (PEFT's LoRA A and B are nn.Linear too) and a wrapper around
+F.scaled_dot_product_attention, with the convention of src/bench/flops.rs (2 FLOPs per multiply-add;
+backward = the input gradient of every op whose input requires grad, plus the weight gradient of
+every weight that requires grad; attention dQ/dK/dV/dP per operand that requires grad). The
+machine peak is the best of 10 torch.matmul 1024×1024×1024 in f32 with the same threads.
 
 See README.md next to this file for what each case measures and how the numbers compare.
 """
@@ -72,13 +80,17 @@ LOAD_AT_START = "unknown"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="PyTorch/diffusers/PEFT reference for `pairstyle bench cost` (CPU, f32).")
+        description="PyTorch/diffusers/PEFT reference for `pairstyle bench perf` (CPU, f32).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path,
                      help="diffusers model folder whose UNet to load (its real weights)")
     src.add_argument("--size", choices=["sd15", "sdxl"],
                      help="real-size architecture with random weights")
-    p.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px)")
+    p.add_argument("--latent", type=int, default=32,
+                   help="latent side of the training iteration (32 = 256 px)")
+    p.add_argument("--sample-latent", type=int, default=None,
+                   help="latent side of the sampling steps (default: --latent)")
+    p.add_argument("--no-train", action="store_true", help="skip the training iteration")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank of both adapters")
     p.add_argument("--reps", type=int, default=3,
                    help="timed repetitions per case after one warm-up; the median is printed")
@@ -102,8 +114,10 @@ def parse_args(argv=None):
         p.error(f"--styles {a.styles!r}: expected comma-separated integers")
     if any(s < 0 for s in a.styles):
         p.error("--styles: counts must be >= 0")
-    if a.latent <= 0 or a.rank <= 0 or a.threads <= 0:
-        p.error("--latent, --rank and --threads must be positive")
+    if a.sample_latent is None:
+        a.sample_latent = a.latent
+    if a.latent <= 0 or a.sample_latent <= 0 or a.rank <= 0 or a.threads <= 0:
+        p.error("--latent, --sample-latent, --rank and --threads must be positive")
     return a
 
 
@@ -114,13 +128,17 @@ if ARGS is not None:
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_var] = str(ARGS.threads)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import diffusers  # noqa: E402
-import peft  # noqa: E402
-from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
+try:
+    import torch  # noqa: E402
+    import torch.nn.functional as F  # noqa: E402
+    import diffusers  # noqa: E402
+    import peft  # noqa: E402
+    from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
+    from peft import LoraConfig  # noqa: E402
+    from peft.tuners.lora import LoraLayer  # noqa: E402
+except ImportError as _e:
+    sys.exit(f"bench_reference.py: {_e} (install the pinned packages: pip install -r "
+             f"{Path(__file__).resolve().parent / 'requirements.txt'})")
 
 # PEFT warns on every add_adapter after the first; several adapters are the point here.
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -155,6 +173,96 @@ def ru_maxrss_mib() -> float:
     """Process-lifetime peak RSS (getrusage; KiB on Linux). Cannot be reset."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and the machine peak
+
+GEMM_N = 1024
+GEMM_TRIES = 10
+
+
+def gemm_peak_gflops(n: int = GEMM_N, tries: int = GEMM_TRIES) -> float:
+    """Best of `tries` f32 n×n×n torch.matmul after one warm-up, in GFLOP/s (2·n³ each)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g)
+    b = torch.randn(n, n, generator=g)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(max(tries, 1)):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+class FlopCounter:
+    """Counts the matmul-class FLOPs of what runs inside `with FlopCounter(unet) as c:`.
+
+    Forward hooks on every nn.Conv2d and nn.Linear under `module`, and a wrapper around
+    F.scaled_dot_product_attention (what diffusers' AttnProcessor2_0 calls). Backward work is
+    added at forward time from requires_grad, as src/bench/flops.rs defines it."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.forward = {"conv": 0, "linear": 0, "attention": 0, "lora": 0}
+        self.backward = dict(self.forward)
+        self.handles = []
+        self.sdpa = None
+
+    def total(self) -> int:
+        return sum(self.forward.values()) + sum(self.backward.values())
+
+    def _add(self, kind, f, x_live, w_live):
+        self.forward[kind] += f
+        if torch.is_grad_enabled():
+            self.backward[kind] += f * (int(bool(x_live)) + int(bool(w_live)))
+
+    def _hook(self, kind):
+        def hook(m, inputs, output):
+            x = inputs[0]
+            if isinstance(m, torch.nn.Conv2d):
+                kh, kw = m.kernel_size
+                f = 2 * output.numel() * (m.in_channels // m.groups) * kh * kw
+            else:
+                f = 2 * (x.numel() // m.in_features) * m.in_features * m.out_features
+            self._add(kind, f, x.requires_grad, m.weight.requires_grad)
+        return hook
+
+    def __enter__(self):
+        lora_ids = set()
+        for _, m in self.module.named_modules():
+            if isinstance(m, LoraLayer):
+                for d in (m.lora_A, m.lora_B):
+                    lora_ids.update(id(x) for x in d.values())
+        for _, m in self.module.named_modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                kind = ("lora" if id(m) in lora_ids else
+                        "conv" if isinstance(m, torch.nn.Conv2d) else "linear")
+                self.handles.append(m.register_forward_hook(self._hook(kind)))
+        self.sdpa = F.scaled_dot_product_attention
+        original = self.sdpa
+
+        def sdpa(q, k, v, *args, **kwargs):
+            b_h = q.numel() // (q.shape[-2] * q.shape[-1])
+            n, m, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+            qk, pv = 2 * b_h * n * m * d, 2 * b_h * n * m * dv
+            self.forward["attention"] += qk + pv
+            if torch.is_grad_enabled():
+                ql, kl, vl = q.requires_grad, k.requires_grad, v.requires_grad
+                self.backward["attention"] += ((pv if ql or kl else 0) + (pv if vl else 0)
+                                               + (qk if ql else 0) + (qk if kl else 0))
+            return original(q, k, v, *args, **kwargs)
+
+        F.scaled_dot_product_attention = sdpa
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        F.scaled_dot_product_attention = self.sdpa
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,9 +413,10 @@ def main(args) -> int:
         pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
 
     L = args.latent
+    in_ch = cfg.in_channels
 
-    def latent(batch):
-        return torch.randn(batch, 4, L, L, dtype=dtype)
+    def latent(batch, side=L):
+        return torch.randn(batch, in_ch, side, side, dtype=dtype)
 
     def cond(batch):
         ctx = torch.randn(batch, 77, cross, dtype=dtype)
@@ -374,10 +483,24 @@ def main(args) -> int:
                 for p in ad.a[n]:
                     p.grad = None
 
-    rows = []  # (case, s, peak MiB, start MiB, ru_maxrss MiB)
-    unet.train()
-    s, m, r0, ru = timed(args.reps, train_iteration)
-    rows.append((f"training iteration (content + style step), rank {args.rank}", s, m, r0, ru))
+    attention_missed = False
+
+    def measure(f):
+        """(FLOPs counted in one untimed run, then timed(...))."""
+        nonlocal attention_missed
+        with FlopCounter(unet) as c:
+            f()
+        if c.forward["attention"] == 0 and any(
+                True for _, m in unet.named_modules() if type(m).__name__ == "Attention"):
+            attention_missed = True
+        return (c.total(),) + timed(args.reps, f)
+
+    rows = []  # (case, s, peak MiB, start MiB, ru_maxrss MiB, latent, FLOPs)
+    if not args.no_train:
+        unet.train()
+        fl, s, m, r0, ru = measure(train_iteration)
+        rows.append((f"training iteration (content + style step), rank {args.rank}",
+                     s, m, r0, ru, L, fl))
     ad.trainable([])
     unet.eval()
 
@@ -399,7 +522,7 @@ def main(args) -> int:
     for n in args.styles:
         batch = 2 + n
         ctx, added = cond(batch)
-        x = latent(batch)
+        x = latent(batch, args.sample_latent)
         ts = torch.full((batch,), float(TIMESTEP), dtype=dtype)
 
         if n == 0:
@@ -424,8 +547,8 @@ def main(args) -> int:
                     f"+ {n} batch-1 style pass(es))")
         if n > 0 and args.as_published:
             unet.enable_adapters()  # the published pipeline never disables them
-        s, m, r0, ru = timed(args.reps, step)
-        rows.append((case, s, m, r0, ru))
+        fl, s, m, r0, ru = measure(step)
+        rows.append((case, s, m, r0, ru, args.sample_latent, fl))
 
         if n > 0 and args.mixed_batch:
             names = ["__base__", "__base__"] + [f"style{i}" for i in range(n)]
@@ -442,12 +565,12 @@ def main(args) -> int:
 
             handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in ad.layers]
             try:
-                s, m, r0, ru = timed(args.reps, mixed)
+                fl, s, m, r0, ru = measure(mixed)
             finally:
                 for h in handles:
                     h.remove()
             rows.append((f"sampling step, {n} style(s) (batch {batch}, PEFT mixed-adapter "
-                         f"batch, one forward)", s, m, r0, ru))
+                         f"batch, one forward)", s, m, r0, ru, args.sample_latent, fl))
 
     switch_ms = None
     if max_styles > 0:  # what one diffusers adapter switch costs (N-style steps do N + 2)
@@ -458,6 +581,7 @@ def main(args) -> int:
             sw.append(time.perf_counter() - t0)
         switch_ms = median(sw) * 1e3
 
+    peak = gemm_peak_gflops()
     plain = next((r[1] for r in rows if "plain CFG" in r[0]), None)
     reset_ok = reset_peak_rss()
     mem_note = ("peak RSS = VmHWM after clear_refs 5 at the start of each case (process RSS "
@@ -465,9 +589,18 @@ def main(args) -> int:
                 "peak RSS = process-lifetime ru_maxrss (clear_refs not writable here)")
     print(f"# reference (PyTorch {torch.__version__}, diffusers {diffusers.__version__}, "
           f"PEFT {peft.__version__}, Python {platform.python_version()}): {label}; "
-          f"latent {L}x{L}, batch 1 per branch, f32, rank {args.rank}, threads {args.threads}, "
+          f"latent {L}x{L}"
+          + (f" (sampling {args.sample_latent}x{args.sample_latent})"
+             if args.sample_latent != L else "")
+          + f", batch 1 per branch, f32, rank {args.rank}, threads {args.threads}, "
           f"median of {args.reps} after 1 warm-up"
           + ("; --as-published" if args.as_published else ""))
+    print(f"# machine peak: {peak:.1f} GFLOP/s (f32 GEMM {GEMM_N}×{GEMM_N}×{GEMM_N}, "
+          f"torch.matmul, best of {GEMM_TRIES}, {args.threads} threads)")
+    print("# GFLOP: counted with module hooks in one untimed run (convention of "
+          "src/bench/flops.rs)"
+          + ("; WARNING: no scaled_dot_product_attention call was seen, attention FLOPs are "
+             "missing" if attention_missed else ""))
     print(f"# {mem_note}")
     print(f"# load average at start: {LOAD_AT_START}"
           + (f"; one adapter switch (unet.set_adapters) takes {switch_ms:.1f} ms, an N-style "
@@ -477,16 +610,18 @@ def main(args) -> int:
     if ad.short_basis:
         print("# note: some layers have fewer than 2×rank input features; their A rows are "
               "Gaussian, not orthonormal (no effect on cost)")
-    print("| case | s | × plain CFG step | peak RSS MiB |")
-    print("|---|---|---|---|")
-    for case, s, m, _, ru in rows:
+    print("| case | s | × plain CFG step | peak RSS MiB | latent | GFLOP | GFLOP/s | % of peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for case, s, m, _, ru, lat, fl in rows:
         ratio = f"{s / plain:.2f}" if plain and case.startswith("sampling") else ""
         mib = m if reset_ok else ru
-        print(f"| {case} | {s:.3f} | {ratio} | {mib:.0f} |")
+        achieved = fl / s / 1e9
+        print(f"| {case} | {s:.3f} | {ratio} | {mib:.0f} | {lat} | {fl / 1e9:.3f} "
+              f"| {achieved:.1f} | {100 * achieved / peak:.1f} |")
     print()
     print("| case (memory detail) | RSS before case MiB | VmHWM since reset MiB | ru_maxrss MiB |")
     print("|---|---|---|---|")
-    for case, _, m, r0, ru in rows:
+    for case, _, m, r0, ru, _, _ in rows:
         print(f"| {case} | {r0:.0f} | {m:.0f} | {ru:.0f} |")
     sys.stdout.flush()
     return 0

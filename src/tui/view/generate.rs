@@ -187,6 +187,7 @@ fn draw_result(frame: &mut Frame, area: Rect, state: &AppState) {
         Some(p) => frame.render_widget(
             PictureView {
                 slot: state.picture(&p),
+                graphics: state.graphics.as_ref(),
             },
             inner,
         ),

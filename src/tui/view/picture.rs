@@ -9,6 +9,7 @@ use ratatui::style::{Color, Style};
 use ratatui::widgets::Widget;
 
 use super::dim;
+use crate::tui::graphics::{self, Graphics};
 use crate::tui::state::{Picture, PictureSlot};
 
 /// The upper half block.
@@ -89,6 +90,8 @@ pub fn render_halfblocks(p: &Picture, area: Rect, buf: &mut Buffer) {
 pub struct PictureView<'a> {
     /// The picture as the state has it; `None`: nothing to show.
     pub slot: Option<&'a PictureSlot>,
+    /// The terminal's graphics protocol; `None`: half blocks.
+    pub graphics: Option<&'a Graphics>,
 }
 
 impl Widget for PictureView<'_> {
@@ -97,7 +100,15 @@ impl Widget for PictureView<'_> {
             return;
         }
         let text = match self.slot {
-            Some(PictureSlot::Ready(p)) => return render_halfblocks(p, area, buf),
+            Some(PictureSlot::Ready(p)) => {
+                let drawn = self
+                    .graphics
+                    .is_some_and(|g| graphics::render(g, p, area, buf));
+                if !drawn {
+                    render_halfblocks(p, area, buf);
+                }
+                return;
+            }
             Some(PictureSlot::Loading) => "loading…".to_string(),
             Some(PictureSlot::Failed(e)) => format!("unreadable: {e}"),
             None => "no picture".to_string(),

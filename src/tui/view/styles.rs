@@ -153,6 +153,7 @@ fn draw_detail(frame: &mut Frame, area: Rect, state: &AppState) {
         frame.render_widget(
             PictureView {
                 slot: state.picture(path),
+                graphics: state.graphics.as_ref(),
             },
             pad,
         );
