@@ -95,6 +95,15 @@ pub enum Error {
     #[error("reference benchmark: {0}")]
     Reference(String),
 
+    /// The caller's step callback asked the denoising loop to stop (a cancelled job).
+    #[error("stopped by the caller after step {step} of {total}")]
+    Stopped {
+        /// Steps done.
+        step: usize,
+        /// Steps asked for.
+        total: usize,
+    },
+
     /// A LoRA file or adapter set is malformed or does not fit the model: keys that name no
     /// adapted layer, a down-projection without its up-projection, layers the UNet lacks.
     #[error("LoRA {origin}: {message}")]

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, GenerateConfig};
 use crate::engine::image_io::{self, GenerationMeta};
-use crate::engine::pipeline::{GenerateRequest, Guidance, Pipeline, StepProgress, StyleTerm};
+use crate::engine::pipeline::{
+    GenerateRequest, Guidance, Pipeline, StepFlow, StepProgress, StyleTerm,
+};
 use crate::engine::scheduler::SchedulerKind;
 use crate::library::{Library, LoadedStyle, StyleMeta};
 use crate::lora::AdapterSet;
@@ -464,11 +466,12 @@ impl Prepared {
         }
     }
 
-    /// Sample the image (calling `on_step` after every denoising step), then detach the styles.
-    pub fn run(
+    /// Sample the image (calling `on_step` after every denoising step; it may return
+    /// [`StepFlow::Stop`] to give up), then detach the styles.
+    pub fn run<F: Into<StepFlow>>(
         self,
         pipe: &mut Pipeline,
-        on_step: impl FnMut(StepProgress),
+        on_step: impl FnMut(StepProgress) -> F,
     ) -> Result<Generated, GenerateError> {
         let image = pipe.generate_guided(&self.request, &self.guidance, on_step);
         detach(pipe, &self.styles);
@@ -486,13 +489,13 @@ impl Prepared {
 }
 
 /// Check, prepare and run `request` in one call (styles from `source`).
-pub fn generate(
+pub fn generate<F: Into<StepFlow>>(
     pipe: &mut Pipeline,
     request: &GenerationRequest,
     config: &Config,
     model: &str,
     source: &mut dyn StyleSource,
-    on_step: impl FnMut(StepProgress),
+    on_step: impl FnMut(StepProgress) -> F,
 ) -> Result<Generated, GenerateError> {
     let settings = request.check(&config.generate)?;
     let prepared = prepare(pipe, request, &settings, config, model, source)?;

@@ -42,18 +42,26 @@ fn refused(c: &mut Client, r: Request) -> (ErrorCode, String) {
     }
 }
 
+/// The next event (replies to other requests are skipped).
+fn next_event(c: &mut Client) -> Event {
+    loop {
+        if let Some(e) = c.events.pop_front() {
+            return e;
+        }
+        if let pairstyle::daemon::protocol::ServerMessage::Event { event } =
+            c.read_message().unwrap()
+        {
+            return event;
+        }
+    }
+}
+
 /// Read events until every job in `jobs` is done; returns each job's events in order.
 fn events_until_all_done(c: &mut Client, jobs: &[u64]) -> BTreeMap<u64, Vec<Event>> {
     let mut seen: BTreeMap<u64, Vec<Event>> = BTreeMap::new();
     let mut done = 0;
     while done < jobs.len() {
-        let ev = match c.events.pop_front() {
-            Some(e) => e,
-            None => match c.read_message().unwrap() {
-                pairstyle::daemon::protocol::ServerMessage::Event { event } => event,
-                _ => continue,
-            },
-        };
+        let ev = next_event(c);
         let job = match &ev {
             Event::JobQueued { job, .. }
             | Event::Progress { job, .. }
@@ -474,5 +482,81 @@ fn one_worker_per_configured_device_runs_the_queue() {
     assert_eq!(outputs.len(), 3, "{outputs:?}");
     let log = s.log("daemon.log");
     assert_eq!(log.matches("(generate) started on cpu").count(), 3, "{log}");
+    terminate(&mut daemon);
+}
+
+#[test]
+fn a_generation_cancelled_while_rendering_stops_at_once_and_writes_nothing() {
+    let s = Setup::new("daemon-gen", "cancel", 4, "");
+    random_style(&s.library(), "ink", "ink wash", 1);
+    let mut daemon = s.start("daemon.log", &[]);
+    let mut c = connect(&s);
+    ok(&mut c, Request::Subscribe);
+    // Far more steps than can run while the cancel is in flight.
+    let job = GenerateJob {
+        prompt: "a red star".into(),
+        styles: two_styles()[..1].to_vec(),
+        seed: Some(1),
+        steps: Some(500),
+        width: Some(16),
+        height: Some(16),
+        ..Default::default()
+    };
+    let ReplyBody::Queued { job: id } = ok(&mut c, Request::SubmitGenerate { job, priority: 0 })
+    else {
+        panic!("not queued")
+    };
+    // Wait for the first step, then cancel.
+    let total = loop {
+        let ev = next_event(&mut c);
+        match ev {
+            Event::Progress { job, total, .. } if job == id => break total,
+            Event::JobFailed { job, error } if job == id => panic!("{error}"),
+            _ => {}
+        }
+    };
+    assert!(total >= 500, "{total}");
+    ok(&mut c, Request::Cancel { job: id });
+    let mut last_step = 0;
+    loop {
+        let ev = next_event(&mut c);
+        match ev {
+            Event::Progress { job, step, .. } if job == id => last_step = step,
+            Event::JobCancelled { job } if job == id => break,
+            Event::JobDone { job, .. } if job == id => panic!("job {id} finished after cancel"),
+            Event::SampleReady { job, .. } if job == id => panic!("job {id} wrote an image"),
+            _ => {}
+        }
+    }
+    assert!(last_step < total, "stopped at {last_step} of {total}");
+    match ok(&mut c, Request::Job { job: id }) {
+        ReplyBody::Job { job } => {
+            assert_eq!(job.state, pairstyle::daemon::journal::JobState::Cancelled);
+            assert!(job.result.is_none(), "{job:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let outputs = s.state.join("outputs");
+    let pngs = std::fs::read_dir(&outputs).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(pngs, 0, "{}", outputs.display());
+    // The worker is free again: a short job runs.
+    let short = GenerateJob {
+        prompt: "a blue square".into(),
+        seed: Some(2),
+        steps: Some(2),
+        width: Some(16),
+        height: Some(16),
+        ..Default::default()
+    };
+    let ReplyBody::Queued { job: next } = ok(
+        &mut c,
+        Request::SubmitGenerate {
+            job: short,
+            priority: 0,
+        },
+    ) else {
+        panic!("not queued")
+    };
+    events_until_done(&mut c, next);
     terminate(&mut daemon);
 }

@@ -242,7 +242,12 @@ impl Counter<'_> {
 /// FLOPs of one UNet call with the given shapes (see the module docs for the convention).
 pub fn unet_pass(cfg: &UNetConfig, s: &PassShape) -> Result<PassFlops> {
     let f = cfg.downscale();
-    if s.batch == 0 || s.height == 0 || s.width == 0 || s.height % f != 0 || s.width % f != 0 {
+    if s.batch == 0
+        || s.height == 0
+        || s.width == 0
+        || !s.height.is_multiple_of(f)
+        || !s.width.is_multiple_of(f)
+    {
         return Err(Error::InvalidArgument(format!(
             "latent {}×{} (batch {}) must be non-empty and divide by {f} for this UNet",
             s.height, s.width, s.batch

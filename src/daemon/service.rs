@@ -36,8 +36,8 @@ use super::server::{self, Handler, ServerOptions};
 use super::testhook::{self, PausePoint};
 use super::{unix_now, DaemonError, DaemonResult};
 use crate::config::Config;
-use crate::engine::pipeline::Pipeline;
-use crate::generate::{self, InMemoryStyle, SampleSettings};
+use crate::engine::pipeline::{Pipeline, StepFlow};
+use crate::generate::{self, GenerateError, InMemoryStyle, SampleSettings};
 use crate::library::{Library, SampleGrid, StyleMeta, SAMPLES_FILE, THUMBNAIL_FILE};
 
 /// How often the worker looks for a job when idle, and the journal saves progress at most.
@@ -556,7 +556,20 @@ impl DaemonState {
             }
             drop(j);
             self.emit(Event::progress(job.id, &progress));
-        })?;
+            // Cancelled (or the daemon stopping): give up at this step, write nothing.
+            if self.no_longer_running(job.id) {
+                StepFlow::Stop
+            } else {
+                StepFlow::Continue
+            }
+        });
+        let image = match image {
+            Err(GenerateError::Lib(crate::Error::Stopped { step, total })) => {
+                tracing::info!("job {}: stopped after step {step} of {total}", job.id);
+                return Ok(None);
+            }
+            other => other?,
+        };
         if self.no_longer_running(job.id) {
             tracing::info!("job {} was cancelled while rendering: not saved", job.id);
             return Ok(None);

@@ -256,7 +256,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Load `weight` and `bias` [channels]; `channels` must divide by `groups`.
     pub fn load(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::InvalidArgument(format!(
                 "{}: {channels} channels do not divide into {groups} groups",
                 w.prefix()

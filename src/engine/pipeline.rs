@@ -117,6 +117,21 @@ pub struct GenerateRequest {
     pub scheduler: Option<SchedulerKind>,
 }
 
+/// What a step callback tells the denoising loop. A callback that returns `()` always continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepFlow {
+    /// Go on with the next step.
+    Continue,
+    /// Stop now: the loop returns [`Error::Stopped`].
+    Stop,
+}
+
+impl From<()> for StepFlow {
+    fn from(_: ()) -> Self {
+        StepFlow::Continue
+    }
+}
+
 /// Progress of one denoising step, passed to the caller's callback.
 #[derive(Debug, Clone, Copy)]
 pub struct StepProgress {
@@ -215,7 +230,7 @@ impl Pipeline {
     /// UNet's downscale.
     pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
         let m = self.vae_scale() * self.unet.config().downscale();
-        if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
             return Err(Error::InvalidArgument(format!(
                 "image size {width}×{height}: both sides must be positive multiples of {m} for this model"
             )));
@@ -256,11 +271,11 @@ impl Pipeline {
 
     /// Run the denoising loop with plain classifier-free guidance from given initial `latents`
     /// (unit variance) and return the final latents. `on_step` is called after every step.
-    pub fn denoise(
+    pub fn denoise<F: Into<StepFlow>>(
         &self,
         req: &GenerateRequest,
         latents: Tensor,
-        on_step: impl FnMut(StepProgress),
+        on_step: impl FnMut(StepProgress) -> F,
     ) -> Result<Tensor> {
         self.denoise_guided(req, &Guidance::Cfg, latents, on_step)
     }
@@ -323,13 +338,14 @@ impl Pipeline {
 
     /// Run the denoising loop with `guidance` (plain CFG, Pair Customization's style guidance with
     /// any number of styles, or the LoRA-scale baseline). Every branch of a step is evaluated in
-    /// one batched UNet call, with per-sample adapter scales.
-    pub fn denoise_guided(
+    /// one batched UNet call, with per-sample adapter scales. `on_step` may return
+    /// [`StepFlow::Stop`] to end the loop early with [`Error::Stopped`].
+    pub fn denoise_guided<F: Into<StepFlow>>(
         &self,
         req: &GenerateRequest,
         guidance: &Guidance,
         latents: Tensor,
-        mut on_step: impl FnMut(StepProgress),
+        mut on_step: impl FnMut(StepProgress) -> F,
     ) -> Result<Tensor> {
         self.check_size(req.width, req.height)?;
         if req.steps == 0 {
@@ -394,12 +410,19 @@ impl Pipeline {
                 }
             }
             latents = sampler.step(&eps, t, &latents)?;
-            on_step(StepProgress {
+            let flow = on_step(StepProgress {
                 step: i + 1,
                 total: timesteps.len(),
                 timestep: t,
                 elapsed_s: start.elapsed().as_secs_f64(),
-            });
+            })
+            .into();
+            if flow == StepFlow::Stop && i + 1 < timesteps.len() {
+                return Err(Error::Stopped {
+                    step: i + 1,
+                    total: timesteps.len(),
+                });
+            }
         }
         Ok(latents)
     }
@@ -410,20 +433,20 @@ impl Pipeline {
     }
 
     /// Generate one image with plain CFG: returns the decoded image [1, 3, H, W] in [-1, 1].
-    pub fn generate(
+    pub fn generate<F: Into<StepFlow>>(
         &self,
         req: &GenerateRequest,
-        on_step: impl FnMut(StepProgress),
+        on_step: impl FnMut(StepProgress) -> F,
     ) -> Result<Tensor> {
         self.generate_guided(req, &Guidance::Cfg, on_step)
     }
 
     /// Generate one image with `guidance` (styles must already be attached to the UNet).
-    pub fn generate_guided(
+    pub fn generate_guided<F: Into<StepFlow>>(
         &self,
         req: &GenerateRequest,
         guidance: &Guidance,
-        on_step: impl FnMut(StepProgress),
+        on_step: impl FnMut(StepProgress) -> F,
     ) -> Result<Tensor> {
         let latents = self.initial_latents(req.seed, req.width, req.height)?;
         let latents = self.denoise_guided(req, guidance, latents, on_step)?;

@@ -167,7 +167,7 @@ impl<'p> PairTrainer<'p> {
             ));
         }
         let f = pipe.vae_scale() * pipe.unet().config().downscale();
-        if cfg.resolution % f != 0 {
+        if !cfg.resolution.is_multiple_of(f) {
             return Err(Error::InvalidArgument(format!(
                 "training resolution {} must be a multiple of {f} for this model",
                 cfg.resolution
@@ -396,7 +396,8 @@ impl<'p> PairTrainer<'p> {
         if let Some(path) = &self.checkpoint_path {
             let every = self.cfg.checkpoint_every;
             if every > 0
-                && (self.next_iteration % every == 0 || self.next_iteration == self.cfg.iterations)
+                && (self.next_iteration.is_multiple_of(every)
+                    || self.next_iteration == self.cfg.iterations)
             {
                 checkpoint::save(self, path)?;
             }

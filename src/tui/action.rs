@@ -243,11 +243,11 @@ fn on_tick(state: &mut AppState) -> Vec<Command> {
     if !connected(state) {
         return out;
     }
-    if state.tick % STATUS_EVERY_TICKS == 0 {
+    if state.tick.is_multiple_of(STATUS_EVERY_TICKS) {
         out.push(Command::Send(Request::Status));
         out.extend(scan_drop(state));
     }
-    if state.tick % JOBS_EVERY_TICKS == 0 {
+    if state.tick.is_multiple_of(JOBS_EVERY_TICKS) {
         out.push(Command::Send(Request::ListJobs));
     }
     out

@@ -161,7 +161,7 @@ impl ClipTextConfig {
         if self.hidden_size == 0 || self.num_attention_heads == 0 || self.vocab_size == 0 {
             return Err("hidden_size, num_attention_heads and vocab_size must be positive".into());
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

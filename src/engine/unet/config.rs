@@ -323,7 +323,7 @@ impl UNetConfig {
         if let Some(t) = file.attention_type.as_deref().filter(|t| *t != "default") {
             return unsupported(format!("attention_type = {t}"));
         }
-        if file.conv_in_kernel % 2 == 0 || file.conv_out_kernel % 2 == 0 {
+        if file.conv_in_kernel.is_multiple_of(2) || file.conv_out_kernel.is_multiple_of(2) {
             return unsupported("even conv_in_kernel/conv_out_kernel".into());
         }
         let groups = file.norm_num_groups.ok_or_else(|| {
