@@ -9,7 +9,10 @@
 //!
 //! Errors are max-norm relative: max|ours − ref| / max|ref|.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::rel_err;
 use pairstyle::engine::attention::{fused_attention, is_supported};
 use pairstyle::engine::nn::{attention, attention_composed};
 use rand::rngs::StdRng;
@@ -23,26 +26,6 @@ fn randn(rng: &mut StdRng, shape: &[usize], dtype: DType) -> Tensor {
         .unwrap()
         .to_dtype(dtype)
         .unwrap()
-}
-
-fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
-    assert_eq!(ours.dims(), reference.dims());
-    let a = ours.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = reference
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap();
-    let diff = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let scale = b.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
-    diff / scale.max(1e-300)
 }
 
 /// (batch, N, M, heads, head width): self- and cross-attention shapes, incl. the fixture UNet's

@@ -86,57 +86,9 @@ pub struct TrainJob {
     pub staged_dir: PathBuf,
 }
 
-/// Generate an image; unset fields take the `[generate]` defaults.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct GenerateJob {
-    /// The prompt.
-    pub prompt: String,
-    /// Negative prompt.
-    pub negative: Option<String>,
-    /// Styles to apply with style guidance.
-    pub styles: Vec<StyleWeight>,
-    /// Noise seed; `None` picks one (recorded in the PNG).
-    pub seed: Option<u64>,
-    /// Denoising steps.
-    pub steps: Option<usize>,
-    /// Classifier-free guidance scale.
-    pub cfg: Option<f64>,
-    /// Image width in pixels.
-    pub width: Option<usize>,
-    /// Image height in pixels.
-    pub height: Option<usize>,
-    /// Sampler: `default` (the model's own), `euler`, `ddim` or `pndm`; `None` takes
-    /// `[generate] scheduler`.
-    #[serde(default)]
-    pub scheduler: Option<String>,
-    /// First step (0-based) with style guidance; `None` takes `[style] from_step`.
-    #[serde(default)]
-    pub style_from: Option<usize>,
-    /// The LoRA-scale baseline instead of style guidance (exactly one style): plain CFG with that
-    /// style's LoRA at this scale.
-    #[serde(default)]
-    pub lora_scale: Option<f64>,
-}
-
-impl GenerateJob {
-    /// The job as a generation request (unset fields take their `[generate]` / `[style]`
-    /// defaults when the request is prepared).
-    pub fn to_request(&self) -> crate::generate::GenerationRequest {
-        crate::generate::GenerationRequest {
-            prompt: self.prompt.clone(),
-            negative: self.negative.clone(),
-            styles: self.styles.clone(),
-            seed: self.seed,
-            steps: self.steps,
-            cfg: self.cfg,
-            width: self.width,
-            height: self.height,
-            scheduler: self.scheduler.clone(),
-            style_from: self.style_from,
-            lora_scale: self.lora_scale,
-        }
-    }
-}
+/// Generate an image: the same request `pairstyle generate` takes (unset fields take the
+/// `[generate]` / `[style]` defaults when the job runs).
+pub type GenerateJob = crate::generate::GenerationRequest;
 
 /// What a job does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -530,15 +530,14 @@ impl DaemonState {
         pipeline: &mut Option<Pipeline>,
         device: &str,
     ) -> DaemonResult<Option<String>> {
-        let request = g.to_request();
         // Checked before loading anything, so a bad request fails at once.
-        request.check(&self.config.generate)?;
+        g.check(&self.config.generate)?;
         let pipe = self.pipeline(pipeline, device)?;
         let out = self.output_path(job.id, &g.prompt);
         let mut library = self.library.clone();
         let label = self.model.display().to_string();
         let mut last_save = Instant::now();
-        let image = generate::generate(pipe, &request, &self.config, &label, &mut library, |p| {
+        let image = generate::generate(pipe, g, &self.config, &label, &mut library, |p| {
             let it_per_s = p.step as f64 / p.elapsed_s.max(1e-9);
             let progress = JobProgress {
                 step: p.step,
@@ -809,7 +808,7 @@ impl DaemonState {
     /// Check a generation request and queue it (a seed is fixed now when none is given, so a
     /// job re-run after a crash renders the same image).
     fn submit_generation(&self, mut job: GenerateJob, priority: i32) -> DaemonResult<u64> {
-        job.to_request().check(&self.config.generate)?;
+        job.check(&self.config.generate)?;
         for s in &job.styles {
             if !self.library.contains(&s.name) {
                 return Err(DaemonError::Lib(crate::Error::InvalidArgument(format!(
