@@ -521,6 +521,19 @@ impl DaemonState {
             .join(format!("{job:06}-{}.png", slug(prompt)))
     }
 
+    /// Record a running job's progress (saving the journal at most every
+    /// `PROGRESS_SAVE_EVERY`) and tell subscribers.
+    fn report_progress(&self, job: u64, progress: JobProgress, last_save: &mut Instant) {
+        let mut j = self.journal();
+        let _ = j.set_progress(job, progress);
+        if last_save.elapsed() >= PROGRESS_SAVE_EVERY {
+            let _ = j.save();
+            *last_save = Instant::now();
+        }
+        drop(j);
+        self.emit(Event::progress(job, &progress));
+    }
+
     /// Render one generation job into the outputs folder; `Ok(None)` if it was cancelled while
     /// rendering (nothing is written then).
     fn run_generation(
@@ -547,14 +560,7 @@ impl DaemonState {
                 it_per_s,
                 eta_secs: Some((p.total - p.step) as f64 / it_per_s.max(1e-9)),
             };
-            let mut j = self.journal();
-            let _ = j.set_progress(job.id, progress);
-            if last_save.elapsed() >= PROGRESS_SAVE_EVERY {
-                let _ = j.save();
-                last_save = Instant::now();
-            }
-            drop(j);
-            self.emit(Event::progress(job.id, &progress));
+            self.report_progress(job.id, progress, &mut last_save);
             // Cancelled (or the daemon stopping): give up at this step, write nothing.
             if self.no_longer_running(job.id) {
                 StepFlow::Stop
@@ -637,14 +643,7 @@ impl DaemonState {
                     it_per_s: p.it_per_s,
                     eta_secs: Some((p.total - p.iteration) as f64 / p.it_per_s.max(1e-9)),
                 };
-                let mut j = self.journal();
-                let _ = j.set_progress(job.id, progress);
-                if last_save.elapsed() >= PROGRESS_SAVE_EVERY {
-                    let _ = j.save();
-                    last_save = Instant::now();
-                }
-                drop(j);
-                self.emit(Event::progress(job.id, &progress));
+                self.report_progress(job.id, progress, &mut last_save);
             },
             || self.stopping() || self.no_longer_running(job.id),
         )?;
