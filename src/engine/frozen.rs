@@ -8,11 +8,12 @@
 //! pre-bias product alive until backward. (See `shared/CANDLE.md`: skipping frozen operands halves
 //! backward time and memory.)
 //!
-//! [`frozen_linear`] and [`frozen_conv2d`] compute the layer's output with ordinary candle ops on a
-//! detached input, so the value is exactly what the plain ops give, and attach it to the graph as
-//! a [`CustomOp1`] of the input alone. Its backward returns only the input gradient, computed as
-//! candle's own backward does (`grad·W` for a linear layer, a transposed convolution for a
-//! convolution); the weight and bias never enter the graph and get no gradient entry.
+//! [`frozen_linear`] and [`frozen_conv2d`] compute the layer's output with the untracked ops on a
+//! detached input, so the value is exactly what inference computes, and attach it to the graph as
+//! a [`CustomOp1`] of the input alone. Its backward returns only the input gradient (`grad·W` for
+//! a linear layer; for a convolution a GEMM + col2im on the CPU, see [`crate::engine::conv`],
+//! and candle's transposed convolution elsewhere); the weight and bias never enter the graph and
+//! get no gradient entry.
 //!
 //! Use them only where the input tracks gradients (`x.track_op()`): for inference the plain ops
 //! are cheaper (the custom op copies the output once). A weight or bias that tracks gradients
@@ -25,6 +26,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Shape, Storage, Tensor,
 };
 
+use crate::engine::conv;
 use crate::error::Result;
 
 /// `x·wᵀ + b` over the last axis of `x` (rank ≥ 2; leading axes folded into one matmul) with `w`
@@ -43,7 +45,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 /// A 2-D convolution of `x` [B, C_in, H, W] with the frozen `kernel` [C_out, C_in, kh, kw] and
 /// frozen `bias` \[C_out\] (dilation 1, one group): backward yields a gradient for `x` only.
 ///
-/// The value equals the plain op's (same candle ops on the same data). When `kernel` or `bias`
+/// The value equals the untracked op's ([`crate::engine::conv::conv2d`] on the CPU, candle's
+/// convolution elsewhere). When `kernel` or `bias`
 /// tracks gradients itself, the plain op is used so that its gradient is not dropped.
 pub fn frozen_conv2d(
     x: &Tensor,
@@ -91,14 +94,20 @@ pub(crate) fn plain_linear(
     y.reshape(out_dims)
 }
 
-/// The stock convolution with a per-channel bias, as `nn::Conv2d` computes it.
-fn plain_conv2d(
+/// The convolution with a per-channel bias, as `nn::Conv2d` computes it when no gradient is
+/// tracked: [`conv::conv2d`] on the CPU (f32/f64) when nothing tracks gradients, candle's ops
+/// otherwise (they keep a trainable kernel's or input's gradient).
+pub(crate) fn plain_conv2d(
     x: &Tensor,
     kernel: &Tensor,
     bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
+    let untracked = !x.track_op() && !kernel.track_op() && !bias.is_some_and(Tensor::track_op);
+    if untracked && conv::supported(x) && conv::supported(kernel) && x.dtype() == kernel.dtype() {
+        return conv::conv2d(x, kernel, bias, padding, stride);
+    }
     let y = x.conv2d(kernel, padding, stride, 1, 1)?;
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
@@ -247,7 +256,8 @@ impl CustomOp1 for FrozenOp {
     }
 }
 
-/// Gradient of `conv2d(x, kernel, padding, stride)` with respect to `x`: the transposed
+/// Gradient of `conv2d(x, kernel, padding, stride)` with respect to `x`: on the CPU (f32/f64) a
+/// GEMM and a col2im scatter ([`crate::engine::conv_grad`]), elsewhere the transposed
 /// convolution of `grad` with the same kernel, stride and padding.
 ///
 /// A strided convolution maps several input sizes to the same output size; the transposed one
@@ -261,6 +271,9 @@ fn conv2d_input_grad(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
+    if conv::supported(grad) && conv::supported(kernel) {
+        return conv::conv2d_input_grad(x.dims4()?, grad, kernel, padding, stride);
+    }
     let (_, _, h, w) = x.dims4()?;
     let (_, _, gh, gw) = grad.dims4()?;
     let (_, _, kh, kw) = kernel.dims4()?;

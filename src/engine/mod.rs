@@ -6,12 +6,14 @@
 //! into text-to-image sampling with classifier-free guidance.
 
 pub mod attention;
+pub mod conv;
 pub mod device;
 pub mod frozen;
 pub mod image_io;
 pub mod model_dir;
 pub mod nn;
 pub mod noise;
+pub mod norm;
 pub mod pipeline;
 pub mod scheduler;
 pub mod text;

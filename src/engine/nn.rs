@@ -1,8 +1,11 @@
 //! Neural-network building blocks whose backward pass is correct in candle.
 //!
 //! candle's fused softmax, layer norm and attention kernels have no backward (see
-//! `shared/CANDLE.md`), so the layers here are composed from ops with correct gradients. Norms
-//! compute their statistics in f32 when the model runs in half precision.
+//! `shared/CANDLE.md`), so the layers here are composed from ops with correct gradients, or, for
+//! f32/f64 on the CPU, use our own fused kernels with an analytic backward (attention:
+//! [`crate::engine::attention`]; group and layer norm: [`crate::engine::norm`]; convolution:
+//! [`crate::engine::conv`]). Norms compute their statistics in f32 when the model runs in half
+//! precision.
 //!
 //! [`AdaptableLinear`] is the attention projection (`to_q`, `to_k`, `to_v`, `to_out.0`): a frozen
 //! base weight plus any number of named low-rank adapters, each with a per-sample scale.
@@ -12,6 +15,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor, D};
 
 use super::frozen::{frozen_conv2d, frozen_linear, plain_linear as linear};
+use super::norm;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -236,11 +240,13 @@ impl Conv2d {
                 self.stride,
             );
         }
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
-            None => y,
-        })
+        Ok(crate::engine::frozen::plain_conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.padding,
+            self.stride,
+        )?)
     }
 }
 
@@ -270,8 +276,26 @@ impl GroupNorm {
         })
     }
 
-    /// Normalise `x` [B, C, *spatial] (statistics in f32 for half-precision inputs).
+    /// Normalise `x` [B, C, *spatial] (statistics in f32 for half-precision inputs): the fused
+    /// kernel of [`crate::engine::norm`] for f32/f64 on the CPU, [`Self::forward_composed`]
+    /// otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if norm::supported(x) {
+            let segments = norm::Segments::group_norm(x.dims(), self.groups)?;
+            return Ok(norm::normalize(
+                x,
+                &self.weight,
+                &self.bias,
+                segments,
+                self.eps,
+            )?);
+        }
+        self.forward_composed(x)
+    }
+
+    /// The group norm composed from candle ops (half precision, GPUs; the reference the fused
+    /// kernel is tested against).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
@@ -309,8 +333,26 @@ impl LayerNorm {
         })
     }
 
-    /// Normalise over the last axis (statistics in f32 for half-precision inputs).
+    /// Normalise over the last axis (statistics in f32 for half-precision inputs): the fused
+    /// kernel of [`crate::engine::norm`] for f32/f64 on the CPU, [`Self::forward_composed`]
+    /// otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if norm::supported(x) {
+            let segments = norm::Segments::layer_norm(x.dims())?;
+            return Ok(norm::normalize(
+                x,
+                &self.weight,
+                &self.bias,
+                segments,
+                self.eps,
+            )?);
+        }
+        self.forward_composed(x)
+    }
+
+    /// The layer norm composed from candle ops (half precision, GPUs; the reference the fused
+    /// kernel is tested against).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = upcast(x)?;
         let mean = x32.mean_keepdim(D::Minus1)?;
