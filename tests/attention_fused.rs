@@ -40,6 +40,8 @@ const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
     (2, 50, 7, 4, 40),
     (1, 1, 77, 8, 3),
     (3, 129, 1, 1, 16),
+    // Wide heads (the GEMM path) over several query blocks (119 rows per block at 1100 keys).
+    (1, 300, 1100, 2, 24),
 ];
 
 #[test]

@@ -118,10 +118,12 @@ impl AttnDims {
         1.0 / (self.d as f64).sqrt()
     }
 
-    /// Query rows per block: keep a block of scores within ~64 KiB of f32 (L2-resident), at
-    /// least 8 and at most 128 rows.
+    /// Query rows per block: a block of scores of at most 128 Ki elements (512 KiB of f32), at
+    /// least 8 and at most 128 rows. At 4096 keys (SD1.5 at 512 px) that is 32 rows: with the
+    /// earlier 16 Ki elements (8 rows) the GEMMs ran half-empty 16-row microkernels and re-packed
+    /// K and V for every 8 queries (`docs/perf.md`, 2026-11-30).
     fn block_rows(&self) -> usize {
-        (16384 / self.m).clamp(8, 128).min(self.n.max(1))
+        (131_072 / self.m).clamp(8, 128).min(self.n.max(1))
     }
 }
 
