@@ -69,7 +69,7 @@ DEFAULTS = {
         "batch": 8,
         "lr": 1e-3,
         "joint_steps": 1500,
-        "decoder_steps": 1500,
+        "decoder_steps": 10500,
         "decoder_lr": 3e-4,
         "kl_weight": 1e-7,
     },
