@@ -30,6 +30,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use crate::engine::contiguous_cpu_slice as slice;
+
 /// Whether [`conv2d`] and [`conv2d_input_grad`] handle tensors like `t` (CPU, f32 or f64).
 pub fn supported(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
@@ -319,15 +321,51 @@ fn matmul<T: WithDType>(dst: &mut [T], accumulate: bool, lhs: Mat<T>, rhs: Mat<T
     }
 }
 
-/// The contiguous data of a CPU storage, as `T`.
-fn data<'a, T: WithDType>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("conv: operands must be contiguous");
+/// What the two ops share: a per-sample computation on `(data, kernel)` of one float type, run by
+/// [`run_on_cpu`] for f32 and f64.
+trait PerSampleOp {
+    const NAME: &'static str;
+
+    /// The result for `batch` samples of `data`, all contiguous.
+    fn run<T: WithDType>(
+        &self,
+        data: &[T],
+        batch: usize,
+        kernel: &[T],
+    ) -> candle_core::Result<Vec<T>>;
+
+    /// The result's shape for `batch` samples.
+    fn shape(&self, batch: usize) -> Shape;
+}
+
+/// `op` on CPU storages of f32 or f64 (both the same type).
+fn run_on_cpu<O: PerSampleOp>(
+    op: &O,
+    data: &CpuStorage,
+    data_layout: &Layout,
+    kernel: &CpuStorage,
+    kernel_layout: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let batch = data_layout.dims()[0];
+    let out = match (data, kernel) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(op.run(
+            slice::<f32>(data, data_layout, O::NAME)?,
+            batch,
+            slice::<f32>(kernel, kernel_layout, O::NAME)?,
+        )?),
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(op.run(
+            slice::<f64>(data, data_layout, O::NAME)?,
+            batch,
+            slice::<f64>(kernel, kernel_layout, O::NAME)?,
+        )?),
+        _ => candle_core::bail!(
+            "{}: dtypes {:?} and {:?} (need both f32 or both f64)",
+            O::NAME,
+            data.dtype(),
+            kernel.dtype()
+        ),
     };
-    Ok(&T::cpu_storage_as_slice(storage)?[start..end])
+    Ok((out, op.shape(batch)))
 }
 
 /// The forward op: `(x, kernel) → conv2d(x, kernel) + bias`.
@@ -337,7 +375,14 @@ struct ConvForward {
     bias: Option<Tensor>,
 }
 
-impl ConvForward {
+impl PerSampleOp for ConvForward {
+    const NAME: &'static str = "conv2d-gemm";
+
+    fn shape(&self, batch: usize) -> Shape {
+        let g = &self.geometry;
+        Shape::from((batch, self.c_out, g.out_h, g.out_w))
+    }
+
     fn run<T: WithDType>(&self, x: &[T], b: usize, kernel: &[T]) -> candle_core::Result<Vec<T>> {
         let g = &self.geometry;
         let (c_out, out_len) = (self.c_out, self.c_out * g.out_pixels());
@@ -373,7 +418,7 @@ impl ConvForward {
 
 impl CustomOp2 for ConvForward {
     fn name(&self) -> &'static str {
-        "conv2d-gemm"
+        Self::NAME
     }
 
     fn cpu_fwd(
@@ -383,27 +428,7 @@ impl CustomOp2 for ConvForward {
         kernel: &CpuStorage,
         kernel_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = &self.geometry;
-        let b = x_layout.dims()[0];
-        let shape = Shape::from((b, self.c_out, g.out_h, g.out_w));
-        let out = match (x, kernel) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                data::<f32>(x, x_layout)?,
-                b,
-                data::<f32>(kernel, kernel_layout)?,
-            )?),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
-                data::<f64>(x, x_layout)?,
-                b,
-                data::<f64>(kernel, kernel_layout)?,
-            )?),
-            _ => candle_core::bail!(
-                "conv2d-gemm: dtypes {:?} and {:?} (need both f32 or both f64)",
-                x.dtype(),
-                kernel.dtype()
-            ),
-        };
-        Ok((out, shape))
+        run_on_cpu(self, x, x_layout, kernel, kernel_layout)
     }
 }
 
@@ -413,8 +438,15 @@ struct ConvInputGrad {
     c_out: usize,
 }
 
-impl ConvInputGrad {
-    fn run<T: WithDType>(&self, grad: &[T], b: usize, kernel: &[T]) -> Vec<T> {
+impl PerSampleOp for ConvInputGrad {
+    const NAME: &'static str = "conv2d-input-grad-gemm";
+
+    fn shape(&self, batch: usize) -> Shape {
+        let g = &self.geometry;
+        Shape::from((batch, g.c_in, g.h, g.w))
+    }
+
+    fn run<T: WithDType>(&self, grad: &[T], b: usize, kernel: &[T]) -> candle_core::Result<Vec<T>> {
         let g = &self.geometry;
         let in_len = g.c_in * g.in_pixels();
         let mut dx = vec![T::zero(); b * in_len];
@@ -434,13 +466,13 @@ impl ConvInputGrad {
                 g.col2im(&cols, dx);
             }
         }
-        dx
+        Ok(dx)
     }
 }
 
 impl CustomOp2 for ConvInputGrad {
     fn name(&self) -> &'static str {
-        "conv2d-input-grad-gemm"
+        Self::NAME
     }
 
     fn cpu_fwd(
@@ -450,27 +482,7 @@ impl CustomOp2 for ConvInputGrad {
         kernel: &CpuStorage,
         kernel_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = &self.geometry;
-        let b = grad_layout.dims()[0];
-        let shape = Shape::from((b, g.c_in, g.h, g.w));
-        let dx = match (grad, kernel) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                data::<f32>(grad, grad_layout)?,
-                b,
-                data::<f32>(kernel, kernel_layout)?,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
-                data::<f64>(grad, grad_layout)?,
-                b,
-                data::<f64>(kernel, kernel_layout)?,
-            )),
-            _ => candle_core::bail!(
-                "conv2d-input-grad-gemm: dtypes {:?} and {:?} (need both f32 or both f64)",
-                grad.dtype(),
-                kernel.dtype()
-            ),
-        };
-        Ok((dx, shape))
+        run_on_cpu(self, grad, grad_layout, kernel, kernel_layout)
     }
 }
 

@@ -20,3 +20,16 @@ pub mod text;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+
+/// The contiguous data of a CPU storage as `T`, for the CPU kernels of our custom ops
+/// ([`conv`], [`norm`]); `what` names the op in the error.
+pub(crate) fn contiguous_cpu_slice<'a, T: candle_core::WithDType>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what}: operands must be contiguous");
+    };
+    Ok(&T::cpu_storage_as_slice(storage)?[start..end])
+}

@@ -137,10 +137,7 @@ struct FusedNorm {
 
 /// The contiguous data of a CPU storage as `T`.
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("norm: operands must be contiguous");
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+    crate::engine::contiguous_cpu_slice(s, l, "norm")
 }
 
 impl FusedNorm {
@@ -227,18 +224,6 @@ impl CustomOp3 for FusedNorm {
         };
         let seg = self.segments;
         let grad = grad.contiguous()?;
-        let dx = if x.track_op() {
-            Some(x.apply_op3_no_bwd(
-                &grad,
-                w,
-                &NormInputGrad {
-                    segments: seg,
-                    stats: stats.clone(),
-                },
-            )?)
-        } else {
-            None
-        };
         let (dw, db) = if w.track_op() || b.track_op() {
             // x̂ and the per-channel sums, composed: [groups-of-samples, per_group, spatial].
             let shape = (
@@ -261,6 +246,19 @@ impl CustomOp3 for FusedNorm {
             (w.track_op().then_some(dw), b.track_op().then_some(db))
         } else {
             (None, None)
+        };
+        // The weight gradients read the statistics first; the input gradient then takes them.
+        let dx = if x.track_op() {
+            Some(x.apply_op3_no_bwd(
+                &grad,
+                w,
+                &NormInputGrad {
+                    segments: seg,
+                    stats,
+                },
+            )?)
+        } else {
+            None
         };
         Ok((dx, dw, db))
     }
