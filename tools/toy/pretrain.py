@@ -68,7 +68,7 @@ DEFAULTS = {
         "latent_channels": 4,
         "batch": 8,
         "lr": 1e-3,
-        "joint_steps": 1500,
+        "joint_steps": 6000,
         "decoder_steps": 10500,
         "decoder_lr": 3e-4,
         "kl_weight": 1e-7,
@@ -286,6 +286,8 @@ def cmd_prepare(args):
     work = args.work
     os.makedirs(work, exist_ok=True)
     path = os.path.join(work, "settings.json")
+    if args.init_from:
+        return prepare_from_export(args, path)
     if os.path.exists(path):
         log(f"{path} exists: keeping it (delete the work folder to start over)")
         settings = json.load(open(path))
@@ -327,6 +329,50 @@ def cmd_prepare(args):
         assert ours == theirs, f"tokenizer mismatch on {c!r}"
     longest = 2 + max(len([t for w in pre_tokenize(c) for t in ref.bpe(w)]) for c in captions[:20000])
     log(f"tokenizer: {len(vocab)} tokens, {len(merges)} merges, {len(words)} words; longest caption {longest} tokens")
+
+
+def prepare_from_export(args, settings_path):
+    """Start a work folder from an exported model folder (the committed `src/toy/model`), so that
+    pretraining spans sessions whose work folders do not survive: the settings, tokenizer and
+    learning curve are the export's; the VAE continues from its exported weights at its exported
+    step; the UNet and text encoder continue from the exported EMA weights (used as both the raw
+    and the EMA weights) at the exported step. The optimizer moments are not in an export, so they
+    restart from zero with a short learning-rate warm-up (`restart_warmup`); the restart's step is
+    recorded in `restarts` and in the export's `training.json`. This is the one place where a
+    resumed run differs from an uninterrupted one."""
+    work, src = args.work, args.init_from
+    if os.path.exists(settings_path):
+        sys.exit(f"{settings_path} exists: --init-from starts a new work folder")
+    info = json.load(open(os.path.join(src, "training.json")))
+    settings = copy.deepcopy(info["settings"])
+    settings["data_train"] = os.path.abspath(args.data_train)
+    settings["data_val"] = os.path.abspath(args.data_val)
+    settings.setdefault("restart_warmup", 200)
+    settings["restarts"] = list(info.get("restarts", []))
+    shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(work, "tokenizer"))
+    vae_step = info.get("vae_steps")
+    if vae_step is None:
+        sys.exit(f"{src}/training.json has no vae_steps: this export cannot be continued")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae = make_vae(settings)
+    vae.load_state_dict(AutoencoderKL.from_pretrained(os.path.join(src, "vae")).state_dict())
+    save_atomic({"model": vae.state_dict(), "step": vae_step, "phase": "restart",
+                 "wall": float(info.get("vae_wall_s") or 0.0)}, os.path.join(work, "vae.pt"))
+    unet_step = int(info.get("unet_steps") or 0)
+    if unet_step > 0:
+        tok, text, unet = build_unet_models(work, settings)
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(os.path.join(src, "unet")).state_dict())
+        text.load_state_dict(CLIPTextModel.from_pretrained(os.path.join(src, "text_encoder")).state_dict())
+        save_atomic({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": unet.state_dict(),
+                     "ema_text": text.state_dict(), "opt": None, "step": unet_step, "restart_step": unet_step,
+                     "wall": float(info.get("unet_wall_s") or 0.0)}, os.path.join(work, "unet.pt"))
+        settings["restarts"].append(unet_step)
+    write_json_atomic(settings, settings_path)
+    shutil.copy(os.path.join(src, "learning_curve.csv"), os.path.join(work, "curve.csv"))
+    log(f"work folder {work} continues {src}: VAE at step {vae_step}, UNet at step {unet_step} "
+        f"(fresh optimizer moments, {settings['restart_warmup']}-step warm-up)")
 
 
 def load_settings(work):
@@ -507,7 +553,7 @@ def train_unet(args, settings, work, deadline, curve):
     ema_text, ema_unet = copy.deepcopy(text), copy.deepcopy(unet)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=u["lr"], weight_decay=u["weight_decay"])
-    step, wall0 = 0, 0.0
+    step, wall0, restart_step = 0, 0.0, None
     if os.path.exists(ckpt_path):
         st = torch.load(ckpt_path, weights_only=False)
         wall0 = st.get("wall", 0.0)
@@ -515,8 +561,10 @@ def train_unet(args, settings, work, deadline, curve):
         text.load_state_dict(st["text"])
         ema_unet.load_state_dict(st["ema_unet"])
         ema_text.load_state_dict(st["ema_text"])
-        opt.load_state_dict(st["opt"])
+        if st.get("opt") is not None:
+            opt.load_state_dict(st["opt"])
         step = st["step"]
+        restart_step = st.get("restart_step")
     if step >= total:
         return True
     curve.truncate("unet", step)
@@ -559,7 +607,7 @@ def train_unet(args, settings, work, deadline, curve):
     def checkpoint():
         save_atomic({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
                      "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "wall": wall0 + time.time() - t0}, ckpt_path)
+                     "restart_step": restart_step, "wall": wall0 + time.time() - t0}, ckpt_path)
 
     log(f"unet: resuming at step {step}/{total}")
     last_ckpt = time.time()
@@ -578,6 +626,8 @@ def train_unet(args, settings, work, deadline, curve):
         ix = idx.numpy()
         z = (torch.from_numpy(mean[ix].astype(np.float32)) + torch.from_numpy(std[ix].astype(np.float32)) * eps_post) * scale
         lr = u["lr"] * min(1.0, (step + 1) / u["warmup"])
+        if restart_step is not None:
+            lr *= min(1.0, (step - restart_step + 1) / settings.get("restart_warmup", 200))
         for group in opt.param_groups:
             group["lr"] = lr
         ctx = text(ids).last_hidden_state
@@ -725,6 +775,9 @@ def cmd_export(args):
         if os.path.isdir(p):
             shutil.rmtree(p)
     curve = Curve(args.work).rows()
+    vae_state = torch.load(os.path.join(args.work, "vae.pt"), weights_only=False)
+    vae_steps, vae_wall = vae_state["step"], vae_state.get("wall")
+    unet_wall = torch.load(os.path.join(args.work, "unet.pt"), weights_only=False).get("wall")
     shutil.copy(os.path.join(args.work, "curve.csv"), os.path.join(tmp, "learning_curve.csv"))
     vae_rows = [r for r in curve if r["stage"] == "vae" and r["val"]]
     unet_rows = [r for r in curve if r["stage"] == "unet" and r["val"]]
@@ -736,6 +789,10 @@ def cmd_export(args):
         "command": "python tools/toy/pretrain.py prepare/train/export (see tools/toy/README.md)",
         "settings": settings,
         "unet_steps": step,
+        "vae_steps": vae_steps,
+        "vae_wall_s": vae_wall,
+        "unet_wall_s": unet_wall,
+        "restarts": settings.get("restarts", []),
         "vae_psnr_db_val": float(vae_rows[-1]["val"]) if vae_rows else None,
         "unet_val_loss": float(unet_rows[-1]["val"]) if unet_rows else None,
         "vae_wall_hours": round(float(vae_rows[-1]["wall_s"]) / 3600, 2) if vae_rows else None,
@@ -758,6 +815,8 @@ def main():
     p.add_argument("--work", required=True)
     p.add_argument("--data-train", default=None)
     p.add_argument("--data-val", default=None)
+    p.add_argument("--init-from", default=None,
+                   help="continue an exported model folder (e.g. src/toy/model) in a new work folder")
     p = sub.add_parser("train", help="train (resumes; stops after --minutes with a checkpoint)")
     p.add_argument("--work", required=True)
     p.add_argument("--minutes", type=float, default=60)
