@@ -410,20 +410,22 @@ def train_vae(args, settings, work, deadline, curve, upto):
     unchanged, so it may run after the UNet stage."""
     v = settings["vae"]
     ckpt_path = os.path.join(work, "vae.pt")
+    dev = torch.device(args.device)
     vae = make_vae(settings)
     total = upto
     step, wall0 = 0, 0.0
     state = None
     if os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         vae.load_state_dict(state["model"])
         step = state["step"]
         wall0 = state.get("wall", 0.0)
     if step >= total:
         return vae, True
+    vae.to(dev)
     images, _ = load_images(settings["data_train"])
     val_images, _ = load_images(settings["data_val"])
-    val_px = to_pixels(val_images[:200])
+    val_px = to_pixels(val_images[:200]).to(dev)
     curve.truncate("vae", step)
 
     def make_opt(phase):
@@ -451,13 +453,13 @@ def train_vae(args, settings, work, deadline, curve, upto):
             log("vae: encoder frozen, decoder only from here")
         g = step_generator(settings, "vae", step)
         idx = torch.randint(0, images.shape[0], (v["batch"],), generator=g).numpy()
-        x = to_pixels(images[np.sort(idx)])
+        x = to_pixels(images[np.sort(idx)]).to(dev)
         lr_scale = min(1.0, (step + 1) / 100) if phase == "joint" else 1.0
         for group in opt.param_groups:
             group["lr"] = (v["lr"] if phase == "joint" else v["decoder_lr"]) * lr_scale
         if phase == "joint":
             post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
             kl = post.kl().mean()
         else:
             with torch.no_grad():
@@ -485,9 +487,9 @@ def train_vae(args, settings, work, deadline, curve, upto):
         if out_of_time(deadline):
             checkpoint()
             log(f"vae: time budget spent at step {step}; checkpoint written")
-            return vae, False
+            return vae.cpu(), False
     checkpoint()
-    return vae, True
+    return vae.cpu(), True
 
 
 # ------------------------------------------------------------------------------------------
@@ -495,11 +497,11 @@ def train_vae(args, settings, work, deadline, curve, upto):
 # ------------------------------------------------------------------------------------------
 
 
-def encode_latents(settings, work, vae):
+def encode_latents(settings, work, vae, dev):
     path = os.path.join(work, "latents.npz")
     if os.path.exists(path):
         return
-    vae.eval()
+    vae.to(dev).eval()
     out = {}
     for name, folder in (("train", settings["data_train"]), ("val", settings["data_val"])):
         images, _ = load_images(folder)
@@ -508,13 +510,14 @@ def encode_latents(settings, work, vae):
         means, stds = [], []
         with torch.no_grad():
             for i in range(0, images.shape[0], 500):
-                post = vae.encode(to_pixels(images[i : i + 500])).latent_dist
-                means.append(post.mean.half().numpy())
-                stds.append(post.std.half().numpy())
+                post = vae.encode(to_pixels(images[i : i + 500]).to(dev)).latent_dist
+                means.append(post.mean.half().cpu().numpy())
+                stds.append(post.std.half().cpu().numpy())
         out[f"{name}_mean"] = np.concatenate(means)
         out[f"{name}_std"] = np.concatenate(stds)
         log(f"latents: encoded {images.shape[0]} {name} images")
     sample = out["train_mean"][:20000].astype(np.float32)
+    vae.cpu()
     out["scaling_factor"] = np.array(1.0 / sample.std(), dtype=np.float64)
     log(f"latents: std {sample.std():.4f} -> scaling factor {float(out['scaling_factor']):.5f}")
     tmp = path + ".tmp.npz"
@@ -549,13 +552,16 @@ def train_unet(args, settings, work, deadline, curve):
     u = settings["unet"]
     total = args.unet_steps or u["steps"]
     ckpt_path = os.path.join(work, "unet.pt")
+    dev = torch.device(args.device)
     tok, text, unet = build_unet_models(work, settings)
+    text.to(dev)
+    unet.to(dev)
     ema_text, ema_unet = copy.deepcopy(text), copy.deepcopy(unet)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=u["lr"], weight_decay=u["weight_decay"])
     step, wall0, restart_step = 0, 0.0, None
     if os.path.exists(ckpt_path):
-        st = torch.load(ckpt_path, weights_only=False)
+        st = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         wall0 = st.get("wall", 0.0)
         unet.load_state_dict(st["unet"])
         text.load_state_dict(st["text"])
@@ -588,6 +594,7 @@ def train_unet(args, settings, work, deadline, curve):
     val_t = torch.randint(0, settings["scheduler"]["train_steps"], (val_n,), generator=vg)
     val_eps = torch.randn(val_z.shape, generator=vg)
     val_ids = tokenize_all(tok, val_captions[:val_n], L)
+    val_z, val_t, val_eps, val_ids = val_z.to(dev), val_t.to(dev), val_eps.to(dev), val_ids.to(dev)
     sched = noise_schedule(settings)
     alphas = sched.alphas_cumprod
     snr_all = alphas / (1 - alphas)
@@ -630,11 +637,12 @@ def train_unet(args, settings, work, deadline, curve):
             lr *= min(1.0, (step - restart_step + 1) / settings.get("restart_warmup", 200))
         for group in opt.param_groups:
             group["lr"] = lr
+        snr = snr_all[t]
+        w = (torch.clamp(snr, max=u["min_snr_gamma"]) / snr).to(dev)
+        ids, z, noise, t = ids.to(dev), z.to(dev), noise.to(dev), t.to(dev)
         ctx = text(ids).last_hidden_state
         noisy = sched.add_noise(z, noise, t)
         pred = unet(noisy, t, ctx).sample
-        snr = snr_all[t]
-        w = torch.clamp(snr, max=u["min_snr_gamma"]) / snr
         loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -677,7 +685,7 @@ def cmd_train(args):
         vae, done = train_vae(args, settings, work, deadline, curve, v["joint_steps"])
         if not done:
             return
-        encode_latents(settings, work, vae)
+        encode_latents(settings, work, vae, torch.device(args.device))
         if out_of_time(deadline) or not train_unet(args, settings, work, deadline, curve):
             return
     if args.stage in ("all", "decoder"):
@@ -695,9 +703,9 @@ def cmd_train(args):
 
 def load_trained(work, settings):
     vae = make_vae(settings)
-    vae.load_state_dict(torch.load(os.path.join(work, "vae.pt"), weights_only=False)["model"])
+    vae.load_state_dict(torch.load(os.path.join(work, "vae.pt"), weights_only=False, map_location="cpu")["model"])
     tok, text, unet = build_unet_models(work, settings)
-    st = torch.load(os.path.join(work, "unet.pt"), weights_only=False)
+    st = torch.load(os.path.join(work, "unet.pt"), weights_only=False, map_location="cpu")
     unet.load_state_dict(st["ema_unet"])
     text.load_state_dict(st["ema_text"])
     scale = float(np.load(os.path.join(work, "latents.npz"))["scaling_factor"])
@@ -775,9 +783,9 @@ def cmd_export(args):
         if os.path.isdir(p):
             shutil.rmtree(p)
     curve = Curve(args.work).rows()
-    vae_state = torch.load(os.path.join(args.work, "vae.pt"), weights_only=False)
+    vae_state = torch.load(os.path.join(args.work, "vae.pt"), weights_only=False, map_location="cpu")
     vae_steps, vae_wall = vae_state["step"], vae_state.get("wall")
-    unet_wall = torch.load(os.path.join(args.work, "unet.pt"), weights_only=False).get("wall")
+    unet_wall = torch.load(os.path.join(args.work, "unet.pt"), weights_only=False, map_location="cpu").get("wall")
     shutil.copy(os.path.join(args.work, "curve.csv"), os.path.join(tmp, "learning_curve.csv"))
     vae_rows = [r for r in curve if r["stage"] == "vae" and r["val"]]
     unet_rows = [r for r in curve if r["stage"] == "unet" and r["val"]]
@@ -821,6 +829,7 @@ def main():
     p.add_argument("--work", required=True)
     p.add_argument("--minutes", type=float, default=60)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
     p.add_argument("--unet-steps", type=int, default=None, help="total UNet steps (default: settings)")
     p.add_argument("--stage", choices=["all", "unet", "decoder"], default="all",
                    help="all: VAE, latents, UNet, then the decoder fine-tune; unet: stop after the UNet; "
