@@ -105,6 +105,20 @@ def request_stop(signum, _frame):
     log(f"signal {signum}: stopping after this step")
 
 
+def follow_thread_file(work):
+    """Threads for the next steps from WORK/threads, when that file exists: lets the trainer step
+    down to 1 thread while builds share the machine (2 OpenMP threads competing with another
+    process for 2 cores run many times slower than 1) and back up afterwards, without a restart."""
+    try:
+        with open(os.path.join(work, "threads")) as f:
+            n = int(f.read().strip())
+    except (OSError, ValueError):
+        return
+    if n >= 1 and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+        log(f"threads: {n} (from {work}/threads)")
+
+
 def out_of_time(deadline):
     return STOP["requested"] or time.time() > deadline
 
@@ -474,7 +488,8 @@ def train_vae(args, settings, work, deadline, curve, upto):
         step += 1
         acc += loss.item()
         if step % 100 == 0 or step == total:
-            n = step - s0 if step % 100 else 100
+            follow_thread_file(work)
+            n = min(step - s0, step % 100 or 100)
             val = vae_eval(vae, val_px) if step % 500 == 0 or step == total else ""
             rate = (step - s0) / (time.time() - t0)
             curve.add(stage="vae", step=step, loss=f"{acc / max(n, 1):.6f}", val=val, lr=opt.param_groups[0]["lr"],
@@ -655,6 +670,7 @@ def train_unet(args, settings, work, deadline, curve):
         acc += loss.item()
         nacc += 1
         if step % 50 == 0 or step == total:
+            follow_thread_file(work)
             val = f"{val_loss():.6f}" if step % 500 == 0 or step == total else ""
             rate = (step - s0) / (time.time() - t0)
             curve.add(stage="unet", step=step, loss=f"{acc / nacc:.6f}", val=val, lr=f"{lr:.3g}",
@@ -675,6 +691,7 @@ def train_unet(args, settings, work, deadline, curve):
 def cmd_train(args):
     torch.set_num_threads(args.threads)
     work = args.work
+    follow_thread_file(work)
     settings = load_settings(work)
     deadline = time.time() + args.minutes * 60
     curve = Curve(work)
