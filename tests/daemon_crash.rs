@@ -9,12 +9,12 @@ mod daemon_common;
 use std::path::Path;
 use std::time::Duration;
 
-use daemon_common::{kill, pair_images, random_style, terminate, Setup};
+use daemon_common::{kill, pair_images, random_style, terminate, Daemon, Setup};
 use pairstyle::daemon::journal::GenerateJob;
 use pairstyle::daemon::protocol::{ReplyBody, Request};
 use pairstyle::daemon::server::Client;
 
-fn start_paused(s: &Setup, log: &str, point: &str) -> std::process::Child {
+fn start_paused(s: &Setup, log: &str, point: &str) -> Daemon {
     let dir = s.root.display().to_string();
     s.start(
         log,

@@ -3,164 +3,23 @@
 //! in `failed/`, `pairstyle status` reports it all; a daemon killed with SIGKILL mid-training
 //! resumes from its checkpoint after a restart, with no job lost or duplicated.
 
-mod common;
+mod daemon_common;
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use image::{Rgb, RgbImage};
-
-const WAIT: Duration = Duration::from_secs(240);
-
-struct Setup {
-    root: PathBuf,
-    config: PathBuf,
-    watch: PathBuf,
-    state: PathBuf,
-}
-
-impl Setup {
-    /// `poll`: rescan by timer only (else file events drive rescans).
-    fn new(name: &str, iterations: usize, poll: bool) -> Self {
-        let root = common::scratch_dir("daemon-svc", name);
-        let watch = root.join("watch");
-        let state = root.join("state");
-        let config = root.join("pairstyle.toml");
-        let text = format!(
-            "[model]\npath = {model:?}\n\
-             [train]\niterations = {iterations}\nstyle_start = 2\nlr = 1e-3\ncontent_rank = 4\n\
-             style_rank = 4\nresolution = 16\ncheckpoint_every = 2\nseed = 11\n\
-             [daemon]\nstate_dir = {state:?}\nwatch = {watch:?}\nsocket = {socket:?}\n\
-             stability_secs = 1\npoll_interval_secs = 1\nlone_timeout_secs = 3\npoll = {poll}\n\
-             sample_prompts = [\"a {{subject}}\", \"a cat\"]\nsample_steps = 2\nsample_size = 16\n",
-            model = common::fixture("tiny-sd15").display().to_string(),
-            state = state.display().to_string(),
-            watch = watch.display().to_string(),
-            socket = root.join("d.sock").display().to_string(),
-        );
-        std::fs::write(&config, text).unwrap();
-        std::fs::create_dir_all(&watch).unwrap();
-        Self {
-            root,
-            config,
-            watch,
-            state,
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_pairstyle"));
-        c.env("PAIRSTYLE_CONFIG", &self.config)
-            .env("RAYON_NUM_THREADS", "1")
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("RUNTIME_DIRECTORY");
-        c
-    }
-
-    fn start(&self, log: &str) -> Child {
-        let log = std::fs::File::create(self.root.join(log)).unwrap();
-        self.cmd()
-            .arg("daemon")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap()
-    }
-
-    fn journal(&self) -> serde_json::Value {
-        let text = std::fs::read_to_string(self.state.join("journal.json")).unwrap_or_default();
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
-    }
-
-    fn jobs(&self) -> Vec<serde_json::Value> {
-        self.journal()["jobs"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    fn styles(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.state.join("styles"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.root.join(name)).unwrap_or_default()
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
-/// Wait until `cond` holds, or fail with `what` and the daemon's log.
-fn wait_for(setup: &Setup, log: &str, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < WAIT,
-            "timed out waiting for {what}; daemon log:\n{}",
-            setup.log(log)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn pair_images(seed: u8) -> (Vec<u8>, Vec<u8>) {
-    let content = RgbImage::from_fn(24, 20, |x, y| {
-        Rgb([(x * 10) as u8 ^ seed, (y * 12) as u8, 128])
-    });
-    let style = RgbImage::from_fn(24, 20, |x, y| {
-        Rgb(content.get_pixel(x, y).0.map(|v| (255 - v) / 64 * 64))
-    });
-    let enc = |img: &RgbImage| {
-        let mut out = std::io::Cursor::new(Vec::new());
-        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-        out.into_inner()
-    };
-    (enc(&content), enc(&style))
-}
-
-fn terminate(child: &mut Child) {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "daemon exited with {status}");
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "daemon did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use daemon_common::{pair_images, terminate, Setup};
 
 #[test]
 fn dropped_pairs_become_styles_once() {
-    let s = Setup::new("flow", 4, false);
+    let s = Setup::with_file_events("svc", "flow", 4);
     let (c1, s1) = pair_images(1);
     // Present before the daemon starts.
     std::fs::create_dir_all(s.watch.join("ink")).unwrap();
     std::fs::write(s.watch.join("ink/content.png"), &c1).unwrap();
     std::fs::write(s.watch.join("ink/style.png"), &s1).unwrap();
     std::fs::write(s.watch.join("ink/pair.toml"), "subject = \"disc\"\n").unwrap();
-    let mut daemon = s.start("daemon.log");
+    let mut daemon = s.start("daemon.log", &[]);
     // Written slowly, in pieces, while the daemon watches.
     let (c2, s2) = pair_images(2);
     std::fs::write(s.watch.join("oil.content.png"), &c2).unwrap();
@@ -177,16 +36,28 @@ fn dropped_pairs_become_styles_once() {
     std::fs::write(s.watch.join("cut/style.png"), &s1).unwrap();
     std::fs::write(s.watch.join("alone.style.png"), &s1).unwrap();
 
-    wait_for(&s, "daemon.log", "two registered styles", || {
-        s.styles().iter().filter(|n| !n.starts_with('.')).count() == 2
+    s.wait_for("daemon.log", "two registered styles", || {
+        s.library_entries()
+            .iter()
+            .filter(|n| !n.starts_with('.'))
+            .count()
+            == 2
     });
-    assert!(s.styles().contains(&"ink".to_string()), "{:?}", s.styles());
-    assert!(s.styles().contains(&"oil".to_string()), "{:?}", s.styles());
-    wait_for(&s, "daemon.log", "both jobs done", || {
+    assert!(
+        s.library_entries().contains(&"ink".to_string()),
+        "{:?}",
+        s.library_entries()
+    );
+    assert!(
+        s.library_entries().contains(&"oil".to_string()),
+        "{:?}",
+        s.library_entries()
+    );
+    s.wait_for("daemon.log", "both jobs done", || {
         let jobs = s.jobs();
         jobs.len() == 2 && jobs.iter().all(|j| j["state"] == "done")
     });
-    wait_for(&s, "daemon.log", "bad input in failed/", || {
+    s.wait_for("daemon.log", "bad input in failed/", || {
         s.watch.join("failed/cut/error.txt").is_file()
             && s.watch.join("failed/alone/error.txt").is_file()
     });
@@ -196,12 +67,12 @@ fn dropped_pairs_become_styles_once() {
     let pair_dir = s.state.join("styles/ink/pair");
     assert!(pair_dir.join("content.png").is_file() && pair_dir.join("style.png").is_file());
     let grid = image::open(s.state.join("styles/ink/samples.png")).unwrap();
-    assert_eq!((grid.width(), grid.height()), (32, 16));
+    assert_eq!((grid.width(), grid.height()), (32, 32)); // three 16 px samples on a 2 × 2 grid
     let thumb = image::open(s.state.join("styles/ink/thumbnail.png")).unwrap();
     assert_eq!((thumb.width(), thumb.height()), (16, 16));
     let toml = std::fs::read_to_string(s.state.join("styles/ink/style.toml")).unwrap();
     assert!(
-        toml.contains("thumbnail = \"thumbnail.png\"") && toml.contains("\"a disc\""),
+        toml.contains("thumbnail = \"thumbnail.png\"") && toml.contains("\"a photo of a disc\""),
         "{toml}"
     );
 
@@ -210,7 +81,7 @@ fn dropped_pairs_become_styles_once() {
     std::fs::write(s.watch.join("ink/content.png"), &c1).unwrap();
     std::fs::write(s.watch.join("ink/style.png"), &s1).unwrap();
     std::fs::write(s.watch.join("ink/pair.toml"), "subject = \"disc\"\n").unwrap();
-    wait_for(&s, "daemon.log", "the duplicate set aside", || {
+    s.wait_for("daemon.log", "the duplicate set aside", || {
         std::fs::read_dir(s.state.join("staging/duplicates"))
             .map(|d| d.count() == 1)
             .unwrap_or(false)
@@ -243,15 +114,15 @@ fn dropped_pairs_become_styles_once() {
 
 #[test]
 fn a_daemon_killed_during_training_resumes_from_the_checkpoint() {
-    let s = Setup::new("kill", 40, true);
-    let mut daemon = s.start("first.log");
+    let s = Setup::new("svc", "kill", 40, "");
+    let mut daemon = s.start("first.log", &[]);
     let (c, st) = pair_images(3);
     std::fs::create_dir_all(s.watch.join("ink")).unwrap();
     std::fs::write(s.watch.join("ink/content.png"), &c).unwrap();
     std::fs::write(s.watch.join("ink/style.png"), &st).unwrap();
     std::fs::write(s.watch.join("ink/.ready"), "").unwrap();
     let checkpoints = s.state.join("styles/.checkpoints");
-    wait_for(&s, "first.log", "a checkpoint", || {
+    s.wait_for("first.log", "a checkpoint", || {
         std::fs::read_dir(&checkpoints)
             .map(|d| {
                 d.flatten()
@@ -265,13 +136,13 @@ fn a_daemon_killed_during_training_resumes_from_the_checkpoint() {
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0]["state"], "running");
     assert!(
-        s.styles().iter().all(|n| n.starts_with('.')),
+        s.library_entries().iter().all(|n| n.starts_with('.')),
         "{:?}",
-        s.styles()
+        s.library_entries()
     );
 
-    let mut daemon = s.start("second.log");
-    wait_for(&s, "second.log", "the job done after restart", || {
+    let mut daemon = s.start("second.log", &[]);
+    s.wait_for("second.log", "the job done after restart", || {
         s.jobs()
             .first()
             .map(|j| j["state"] == "done")
@@ -283,16 +154,16 @@ fn a_daemon_killed_during_training_resumes_from_the_checkpoint() {
     let log = s.log("second.log");
     assert!(log.contains("resuming from"), "{log}");
     let visible: Vec<String> = s
-        .styles()
+        .library_entries()
         .into_iter()
         .filter(|n| !n.starts_with('.'))
         .collect();
     assert_eq!(visible, ["ink"]);
     // No half-written style folder is left behind.
     assert!(
-        !s.styles().iter().any(|n| n.ends_with(".tmp")),
+        !s.library_entries().iter().any(|n| n.ends_with(".tmp")),
         "{:?}",
-        s.styles()
+        s.library_entries()
     );
     terminate(&mut daemon);
 }

@@ -3,6 +3,7 @@
 //! with a deadline, and styles with random weights registered straight into the library.
 #![allow(dead_code)]
 
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,6 +42,16 @@ impl Setup {
     /// A setup training `iterations` iterations per pair, polling the folder every second, with
     /// `extra` appended to the `[daemon]` section.
     pub fn new(suite: &str, name: &str, iterations: usize, extra: &str) -> Self {
+        Self::build(suite, name, iterations, true, extra)
+    }
+
+    /// The same, but rescans driven by file events (`poll = false`), as the daemon runs by
+    /// default.
+    pub fn with_file_events(suite: &str, name: &str, iterations: usize) -> Self {
+        Self::build(suite, name, iterations, false, "")
+    }
+
+    fn build(suite: &str, name: &str, iterations: usize, poll: bool, extra: &str) -> Self {
         let root =
             std::env::temp_dir().join(format!("pairstyle-{suite}-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -55,7 +66,7 @@ impl Setup {
              [train]\niterations = {iterations}\nstyle_start = 2\nlr = 1e-3\ncontent_rank = 4\n\
              style_rank = 4\nresolution = 16\ncheckpoint_every = 2\nseed = 11\n\
              [daemon]\nstate_dir = {state:?}\nwatch = {watch:?}\nsocket = {socket:?}\n\
-             stability_secs = 1\npoll_interval_secs = 1\nlone_timeout_secs = 3\npoll = true\n\
+             stability_secs = 1\npoll_interval_secs = 1\nlone_timeout_secs = 3\npoll = {poll}\n\
              sample_prompts = [\"a photo of a {{subject}}\", \"a red star\", \"a blue square\"]\n\
              sample_steps = 2\nsample_size = 16\n{extra}\n",
             model = fixture("tiny-sd15").display().to_string(),
@@ -88,7 +99,7 @@ impl Setup {
     }
 
     /// Start `pairstyle daemon` logging to `<root>/<log>`, with extra environment variables.
-    pub fn start(&self, log: &str, env: &[(&str, &str)]) -> Child {
+    pub fn start(&self, log: &str, env: &[(&str, &str)]) -> Daemon {
         let log = std::fs::File::create(self.root.join(log)).unwrap();
         let mut c = self.cmd();
         for (k, v) in env {
@@ -98,6 +109,7 @@ impl Setup {
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
+            .map(Daemon)
             .unwrap()
     }
 
@@ -140,6 +152,32 @@ impl Setup {
 impl Drop for Setup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A running `pairstyle daemon`, killed and reaped when dropped: a test that fails before its
+/// [`terminate`] leaves no daemon behind (it would hold the scratch folder and a core).
+pub struct Daemon(pub Child);
+
+impl Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
