@@ -106,7 +106,8 @@ def request_stop(signum, _frame):
 
 
 def follow_thread_file(work):
-    """Threads for the next steps from WORK/threads, when that file exists: lets the trainer step
+    """Threads for the next step from WORK/threads, when that file exists (read every step: a
+    check costs microseconds, and a slow step is exactly when it matters): lets the trainer step
     down to 1 thread while builds share the machine (2 OpenMP threads competing with another
     process for 2 cores run many times slower than 1) and back up afterwards, without a restart."""
     try:
@@ -487,8 +488,8 @@ def train_vae(args, settings, work, deadline, curve, upto):
         opt.step()
         step += 1
         acc += loss.item()
+        follow_thread_file(work)
         if step % 100 == 0 or step == total:
-            follow_thread_file(work)
             n = min(step - s0, step % 100 or 100)
             val = vae_eval(vae, val_px) if step % 500 == 0 or step == total else ""
             rate = (step - s0) / (time.time() - t0)
@@ -669,8 +670,8 @@ def train_unet(args, settings, work, deadline, curve):
         ema_update(ema_text, text, decay)
         acc += loss.item()
         nacc += 1
+        follow_thread_file(work)
         if step % 50 == 0 or step == total:
-            follow_thread_file(work)
             val = f"{val_loss():.6f}" if step % 500 == 0 or step == total else ""
             rate = (step - s0) / (time.time() - t0)
             curve.add(stage="unet", step=step, loss=f"{acc / nacc:.6f}", val=val, lr=f"{lr:.3g}",
