@@ -282,13 +282,7 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if norm::supported(x) {
             let segments = norm::Segments::group_norm(x.dims(), self.groups)?;
-            return Ok(norm::normalize(
-                x,
-                &self.weight,
-                &self.bias,
-                segments,
-                self.eps,
-            )?);
+            return fused_norm(x, &self.weight, &self.bias, segments, self.eps);
         }
         self.forward_composed(x)
     }
@@ -315,6 +309,18 @@ impl GroupNorm {
     }
 }
 
+/// The fused CPU kernel of [`crate::engine::norm`] for either norm (they differ only in how `x`
+/// splits into normalised segments).
+fn fused_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    segments: norm::Segments,
+    eps: f64,
+) -> Result<Tensor> {
+    Ok(norm::normalize(x, weight, bias, segments, eps)?)
+}
+
 /// Layer normalisation over the last axis with affine parameters.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -339,13 +345,7 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if norm::supported(x) {
             let segments = norm::Segments::layer_norm(x.dims())?;
-            return Ok(norm::normalize(
-                x,
-                &self.weight,
-                &self.bias,
-                segments,
-                self.eps,
-            )?);
+            return fused_norm(x, &self.weight, &self.bias, segments, self.eps);
         }
         self.forward_composed(x)
     }
