@@ -720,8 +720,11 @@ def cmd_train(args):
 
 
 def load_trained(work, settings):
+    """The trained models (EMA weights for the UNet and text encoder) and how far each stage got:
+    {unet_steps, unet_wall_s, vae_steps, vae_wall_s}."""
     vae = make_vae(settings)
-    vae.load_state_dict(torch.load(os.path.join(work, "vae.pt"), weights_only=False, map_location="cpu")["model"])
+    vae_state = torch.load(os.path.join(work, "vae.pt"), weights_only=False, map_location="cpu")
+    vae.load_state_dict(vae_state["model"])
     tok, text, unet = build_unet_models(work, settings)
     st = torch.load(os.path.join(work, "unet.pt"), weights_only=False, map_location="cpu")
     unet.load_state_dict(st["ema_unet"])
@@ -729,7 +732,9 @@ def load_trained(work, settings):
     scale = float(np.load(os.path.join(work, "latents.npz"))["scaling_factor"])
     vae.config.scaling_factor = scale
     vae.register_to_config(scaling_factor=scale)
-    return tok, text, unet, vae, st["step"]
+    progress = {"unet_steps": st["step"], "unet_wall_s": st.get("wall"),
+                "vae_steps": vae_state["step"], "vae_wall_s": vae_state.get("wall")}
+    return tok, text, unet, vae, progress
 
 
 def scheduler_config(settings):
@@ -751,11 +756,11 @@ def scheduler_config(settings):
 def make_pipeline(work, settings):
     from diffusers import StableDiffusionPipeline
 
-    tok, text, unet, vae, step = load_trained(work, settings)
+    tok, text, unet, vae, progress = load_trained(work, settings)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
                                    scheduler=scheduler_config(settings), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    return pipe, step
+    return pipe, progress
 
 
 def cmd_sample(args):
@@ -764,7 +769,8 @@ def cmd_sample(args):
 
     torch.set_num_threads(args.threads)
     settings = load_settings(args.work)
-    pipe, step = make_pipeline(args.work, settings)
+    pipe, progress = make_pipeline(args.work, settings)
+    step = progress["unet_steps"]
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     _, captions = load_images(settings["data_val"])
     prompts = args.prompt or captions[: args.count]
@@ -787,7 +793,8 @@ def cmd_sample(args):
 
 def cmd_export(args):
     settings = load_settings(args.work)
-    pipe, step = make_pipeline(args.work, settings)
+    pipe, progress = make_pipeline(args.work, settings)
+    step = progress["unet_steps"]
     out = args.out
     tmp = out.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
@@ -801,9 +808,6 @@ def cmd_export(args):
         if os.path.isdir(p):
             shutil.rmtree(p)
     curve = Curve(args.work).rows()
-    vae_state = torch.load(os.path.join(args.work, "vae.pt"), weights_only=False, map_location="cpu")
-    vae_steps, vae_wall = vae_state["step"], vae_state.get("wall")
-    unet_wall = torch.load(os.path.join(args.work, "unet.pt"), weights_only=False, map_location="cpu").get("wall")
     shutil.copy(os.path.join(args.work, "curve.csv"), os.path.join(tmp, "learning_curve.csv"))
     vae_rows = [r for r in curve if r["stage"] == "vae" and r["val"]]
     unet_rows = [r for r in curve if r["stage"] == "unet" and r["val"]]
@@ -815,9 +819,9 @@ def cmd_export(args):
         "command": "python tools/toy/pretrain.py prepare/train/export (see tools/toy/README.md)",
         "settings": settings,
         "unet_steps": step,
-        "vae_steps": vae_steps,
-        "vae_wall_s": vae_wall,
-        "unet_wall_s": unet_wall,
+        "vae_steps": progress["vae_steps"],
+        "vae_wall_s": progress["vae_wall_s"],
+        "unet_wall_s": progress["unet_wall_s"],
         "restarts": settings.get("restarts", []),
         "vae_psnr_db_val": float(vae_rows[-1]["val"]) if vae_rows else None,
         "unet_val_loss": float(unet_rows[-1]["val"]) if unet_rows else None,
