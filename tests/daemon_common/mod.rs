@@ -157,7 +157,7 @@ impl Drop for Setup {
 
 /// A running `pairstyle daemon`, killed and reaped when dropped: a test that fails before its
 /// [`terminate`] leaves no daemon behind (it would hold the scratch folder and a core).
-pub struct Daemon(pub Child);
+pub struct Daemon(Child);
 
 impl Deref for Daemon {
     type Target = Child;
