@@ -243,12 +243,14 @@ impl AdapterSet {
             });
         }
         for (i, layer) in plan {
+            // Adapter sets live on the CPU (loaded from files); the layer may be on a GPU.
             let dtype = linears[i].weight_dtype();
+            let device = linears[i].base().weight().device().clone();
             linears[i].set_adapter(
                 name,
                 LowRankAdapter {
-                    down: layer.down.to_dtype(dtype)?,
-                    up: layer.up.to_dtype(dtype)?,
+                    down: layer.down.to_device(&device)?.to_dtype(dtype)?,
+                    up: layer.up.to_device(&device)?.to_dtype(dtype)?,
                     alpha_over_rank: layer.alpha_over_rank(),
                 },
             )?;
