@@ -143,7 +143,8 @@ impl AdaptableLinear {
         (d[1], d[0])
     }
 
-    /// The dtype of the base weight (adapters should match it).
+    /// The dtype of the base weight. Adapters may match it or be f32 on a bf16/f16 base (mixed
+    /// precision: the adapter math then runs in f32).
     pub fn weight_dtype(&self) -> DType {
         self.base.weight.dtype()
     }
@@ -181,8 +182,18 @@ impl AdaptableLinear {
         let mut y = self.base.forward(x)?;
         for (name, ad) in &self.adapters {
             let Some(s) = scales.get(name) else { continue };
-            let h = adapter_matmul(x, &ad.down)?;
-            let delta = adapter_matmul(&h, &ad.up)?;
+            // Mixed precision: an f32 adapter on a bf16/f16 base runs in its own dtype and
+            // its delta is cast back, so LoRA weights and their gradients stay f32.
+            let xa = if x.dtype() == ad.down.dtype() {
+                x.clone()
+            } else {
+                x.to_dtype(ad.down.dtype())?
+            };
+            let h = adapter_matmul(&xa, &ad.down)?;
+            let mut delta = adapter_matmul(&h, &ad.up)?;
+            if delta.dtype() != y.dtype() {
+                delta = delta.to_dtype(y.dtype())?;
+            }
             let batch = x.dim(0)?;
             let s = (s.to_dtype(delta.dtype())? * ad.alpha_over_rank)?;
             let s = match s.rank() {
@@ -409,7 +420,8 @@ pub fn upcast(x: &Tensor) -> Result<Tensor> {
 /// ([`super::attention::fused_attention`]: no per-head copies, no [B·H, N, M] probability tensor
 /// kept for the backward, which recomputes it); there `upcast_scores` changes nothing, scores
 /// already being in the input precision. Everything else (half precision, GPU devices) goes
-/// through [`attention_composed`].
+/// through [`super::attention_blockwise::blockwise_attention`] (blocks of query rows, a backward
+/// that recomputes them: the same memory saving from candle ops).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -420,12 +432,12 @@ pub fn attention(
     if super::attention::is_supported(q, k, v) {
         super::attention::fused_attention(q, k, v, heads)
     } else {
-        attention_composed(q, k, v, heads, upcast_scores)
+        super::attention_blockwise::blockwise_attention(q, k, v, heads, upcast_scores)
     }
 }
 
-/// Scaled dot-product attention composed from candle ops with a correct backward (the reference
-/// for the fused kernel, and the path for half precision and GPU devices). With
+/// Scaled dot-product attention composed from candle ops with a correct backward: the reference
+/// that the fused and the blockwise attention are tested against. With
 /// `upcast_scores`, scores and softmax are computed in f32 (diffusers' `upcast_attention`).
 pub fn attention_composed(
     q: &Tensor,

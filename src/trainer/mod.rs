@@ -189,7 +189,10 @@ impl<'p> PairTrainer<'p> {
             )));
         }
         let schedule = NoiseSchedule::new(pipe.scheduler_config())?;
-        let dtype = pipe.unet().adaptable_linears()[0].weight_dtype();
+        // LoRA parameters, their gradients and AdamW state are f32 whatever the model's dtype
+        // (mixed precision on a bf16/f16 GPU model: the adapter math runs in f32 and its delta
+        // is cast to the layer's dtype, see `AdaptableLinear::forward`).
+        let dtype = DType::F32;
         let device = pipe.device().clone();
         let basis = OrthogonalBasis::new(cfg.seed);
         let widths: Vec<(String, usize, usize)> = pipe
