@@ -139,6 +139,25 @@ struct FrozenOp {
     backward: Backward,
 }
 
+/// Take a custom op's precomputed output out of its slot as an owned storage (one copy) and its
+/// shape: the forward of ops whose value was computed with untracked ops beforehand (here, and
+/// [`super::attention_blockwise`]). A second forward is an error.
+pub(crate) fn take_precomputed(
+    slot: &Mutex<Option<Tensor>>,
+    name: &str,
+) -> candle_core::Result<(Storage, Shape)> {
+    let out = slot
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
+    let Some(out) = out else {
+        candle_core::bail!("{name}: forward run twice");
+    };
+    let (storage, out_layout) = out.storage_and_layout();
+    let storage = storage.try_clone(out_layout)?;
+    Ok((storage, out.shape().clone()))
+}
+
 /// Apply a [`FrozenOp`] to `x` that outputs `out` and back-propagates through `backward`.
 fn attach(x: &Tensor, out: Tensor, backward: Backward) -> Result<Tensor> {
     // The forward returns `out`'s storage as a fresh contiguous buffer starting at offset 0.
@@ -171,17 +190,7 @@ impl FrozenOp {
                 self.input_shape
             );
         }
-        let out = self
-            .output
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        let Some(out) = out else {
-            candle_core::bail!("{}: forward run twice", self.name);
-        };
-        let (storage, out_layout) = out.storage_and_layout();
-        let storage = storage.try_clone(out_layout)?;
-        Ok((storage, out.shape().clone()))
+        take_precomputed(&self.output, self.name)
     }
 
     fn wrong_device(&self, expected: &str) -> candle_core::Error {

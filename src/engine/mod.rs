@@ -6,6 +6,7 @@
 //! into text-to-image sampling with classifier-free guidance.
 
 pub mod attention;
+pub mod attention_blockwise;
 pub mod conv;
 pub mod device;
 pub mod frozen;
