@@ -192,23 +192,40 @@ impl Weights {
 /// differs, and norm weights (`*.weight` of 1-D shape) are drawn around 1 to keep activations sane.
 fn random_tensor(seed: u64, std: f64, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+    // Values are drawn in chunks, each from its own generator seeded by (seed, name, chunk), so
+    // they are the same for any thread count and an SDXL-size UNet (2.6 G values) fills in
+    // seconds on many cores.
+    const CHUNK: usize = 1 << 16;
     let mut h: u64 = seed ^ 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(h);
     let n: usize = shape.iter().product();
-    let is_norm_scale = shape.len() == 1 && name.ends_with(".weight");
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            // Box–Muller from two uniforms.
-            let u1: f64 = rng.random::<f64>().max(1e-12);
-            let u2: f64 = rng.random::<f64>();
-            let g = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            let base = if is_norm_scale { 1.0 } else { 0.0 };
-            (base + std * g) as f32
-        })
-        .collect();
+    let base = if shape.len() == 1 && name.ends_with(".weight") {
+        1.0 // norm scales
+    } else {
+        0.0
+    };
+    let mut data = vec![0f32; n];
+    data.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                h ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            );
+            for pair in chunk.chunks_mut(2) {
+                // Box–Muller: two independent normals from two uniforms.
+                let u1: f64 = rng.random::<f64>().max(1e-12);
+                let u2: f64 = rng.random::<f64>();
+                let r = (-2.0 * u1.ln()).sqrt();
+                let (sin, cos) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+                pair[0] = (base + std * r * cos) as f32;
+                if let Some(second) = pair.get_mut(1) {
+                    *second = (base + std * r * sin) as f32;
+                }
+            }
+        });
     Ok(Tensor::from_vec(data, shape, dev)?)
 }
 
@@ -250,5 +267,28 @@ mod tests {
         };
         assert_eq!(d(&a, &b), 0.0);
         assert!(d(&a, &c) > 0.0);
+    }
+
+    #[test]
+    fn random_weights_have_the_requested_statistics() {
+        // Several chunks' worth, so the per-chunk generators are covered.
+        let w = Weights::random(1, 0.02, DType::F32, &Device::Cpu);
+        let stats = |t: Tensor| {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let n = v.len() as f64;
+            let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+            let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+            (mean, var.sqrt())
+        };
+        let (mean, std) = stats(w.get(&[300_001], "proj.bias").unwrap());
+        assert!(
+            mean.abs() < 2e-4 && (std - 0.02).abs() < 2e-4,
+            "{mean} {std}"
+        );
+        let (mean, std) = stats(w.get(&[300_001], "norm.weight").unwrap());
+        assert!(
+            (mean - 1.0).abs() < 2e-4 && (std - 0.02).abs() < 2e-4,
+            "{mean} {std}"
+        );
     }
 }
