@@ -16,13 +16,21 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// Declares the embedded files: each as its path inside the folder and its bytes.
+#[cfg(feature = "embedded-model")]
 macro_rules! embedded_files {
     ($($path:literal),+ $(,)?) => {
         &[$(($path, include_bytes!(concat!("model/", $path)) as &[u8])),+]
     };
 }
 
+/// Every file of the embedded model folder, as (relative path, bytes). Empty in a build without
+/// the `embedded-model` feature (on by default; a GPU server build that always loads its own
+/// model can leave the 18 MB out).
+#[cfg(not(feature = "embedded-model"))]
+pub const FILES: &[(&str, &[u8])] = &[];
+
 /// Every file of the embedded model folder, as (relative path, bytes).
+#[cfg(feature = "embedded-model")]
 pub const FILES: &[(&str, &[u8])] = embedded_files!(
     "model_index.json",
     "training.json",
@@ -88,6 +96,13 @@ pub fn default_cache_dir() -> PathBuf {
 /// Write the embedded folder to `dest` (which must not exist), atomically: the files go into a
 /// sibling temporary folder that is renamed to `dest` when complete.
 pub fn write_to(dest: &Path) -> Result<()> {
+    if FILES.is_empty() {
+        return Err(Error::Unsupported(
+            "this build of pairstyle has no embedded model (built without the `embedded-model` \
+             feature); set [model] path or pass --model"
+                .into(),
+        ));
+    }
     if dest.exists() {
         return Err(Error::InvalidArgument(format!(
             "{} already exists; choose a new folder",
