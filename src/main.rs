@@ -1144,6 +1144,20 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
         bail!("--latent, --sample-latent, --rank and --reps must be at least 1");
     }
     let device = config.runtime.device.parse::<DeviceSpec>()?.resolve()?;
+    let dtype = config.runtime.dtype.parse::<DTypeSpec>()?.dtype();
+    // On a GPU, memory is reported above what was in use once the device was open.
+    let device_baseline_mib = pairstyle::bench::device_mem::in_use_mib(&device);
+    let (device_arg, dtype_arg) = (
+        if device.is_cpu() { "cpu" } else { "cuda" },
+        match dtype {
+            candle_core::DType::BF16 => "bf16",
+            candle_core::DType::F16 => "f16",
+            _ => "f32",
+        },
+    );
+    if a.vs_reference && device.is_cpu() && dtype != candle_core::DType::F32 {
+        bail!("--vs-reference on the CPU compares in f32 (the reference's CPU run is f32); pass --dtype f32");
+    }
     let source = match (&a.model, a.size.as_deref()) {
         (Some(dir), _) => vec!["--model".to_string(), dir.display().to_string()],
         (None, Some(s @ ("sd15" | "sdxl"))) => vec!["--size".to_string(), s.to_string()],
@@ -1154,10 +1168,8 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
     // The reference first: it fails fast when Python or its packages are missing, and it runs
     // while this process holds no model.
     let reference = if a.vs_reference {
-        if !device.is_cpu() {
-            bail!(
-                "--vs-reference compares on the CPU (the reference runs there); pass --device cpu"
-            );
+        if !device.is_cpu() && !device.is_cuda() {
+            bail!("--vs-reference compares on the CPU or a CUDA GPU (where the reference runs)");
         }
         let script = a
             .reference_script
@@ -1188,6 +1200,8 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
             ("--reps", a.reps.to_string()),
             ("--styles", styles),
             ("--threads", threads.to_string()),
+            ("--device", device_arg.to_string()),
+            ("--dtype", dtype_arg.to_string()),
         ] {
             args.push(flag.to_string());
             args.push(v);
@@ -1226,12 +1240,8 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
         (Some(dir), _) => {
             let m =
                 ModelDir::open(dir).with_context(|| format!("opening model {}", dir.display()))?;
-            let unet = pairstyle::engine::unet::UNet::load(
-                &m,
-                config.model.variant,
-                candle_core::DType::F32,
-                &device,
-            )?;
+            let unet =
+                pairstyle::engine::unet::UNet::load(&m, config.model.variant, dtype, &device)?;
             (dir.display().to_string(), unet)
         }
         (None, Some(size)) => {
@@ -1246,14 +1256,15 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
                     "SD1.5-size UNet, random weights",
                 )
             };
-            let unet = pairstyle::bench::random_unet(json, 0, candle_core::DType::F32, &device)?;
+            let unet = pairstyle::bench::random_unet(json, 0, dtype, &device)?;
             (label.to_string(), unet)
         }
         (None, None) => bail!("pass --model DIR or --size sd15|sdxl"),
     };
-    const GEMM_N: usize = 1024;
+    // 1024³ keeps 2 CPU cores busy for ~20 ms; a GPU needs 8192³ to reach its rate.
+    let gemm_n: usize = if device.is_cpu() { 1024 } else { 8192 };
     const GEMM_TRIES: usize = 10;
-    let peak = pairstyle::bench::measure_gemm_peak(GEMM_N, GEMM_TRIES, &device)?;
+    let peak = pairstyle::bench::measure_gemm_peak(gemm_n, GEMM_TRIES, dtype, &device)?;
     if a.vs_reference {
         println!("## ours: pairstyle bench perf {}", source.join(" "));
     }
@@ -1263,16 +1274,29 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
         format!(" (sampling {sample_latent}x{sample_latent})")
     };
     println!(
-        "# ours (candle 0.11, {}): {label}; latent {l}x{l}{sampling}, batch 1 per branch, f32, rank {}, threads {threads}, median of {} after 1 warm-up",
+        "# ours (candle 0.11, {}): {label}; latent {l}x{l}{sampling}, batch 1 per branch, {}, rank {}, threads {threads}, median of {} after 1 warm-up",
         if cfg!(debug_assertions) { "dev profile" } else { "release profile" },
+        if device.is_cpu() {
+            dtype_arg.to_string()
+        } else {
+            format!("{device_arg}, {dtype_arg} weights and activations, f32 LoRA and AdamW")
+        },
         a.rank,
         a.reps,
         l = a.latent,
     );
     println!(
-        "{} {peak:.1} GFLOP/s (f32 GEMM {GEMM_N}×{GEMM_N}×{GEMM_N}, candle matmul, best of {GEMM_TRIES}, {threads} threads)",
-        compare::PEAK_PREFIX
+        "{} {peak:.1} GFLOP/s ({dtype_arg} GEMM {gemm_n}×{gemm_n}×{gemm_n}, candle matmul, best of {GEMM_TRIES}, {})",
+        compare::PEAK_PREFIX,
+        if device.is_cpu() {
+            format!("{threads} threads")
+        } else {
+            device_arg.to_string()
+        }
     );
+    if let Some(base) = device_baseline_mib {
+        println!("# peak device MiB: device memory in use (total − free, sampled every ms) above the {base:.0} MiB in use when the device was opened");
+    }
     println!(
         "# GFLOP: needed, counted analytically (matmul-class work; training = forward + input-gradient backward of the live part + LoRA weight gradients; docs/perf.md)"
     );
@@ -1284,9 +1308,11 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
         reps: a.reps,
         styles: a.styles,
         train: !a.no_train,
+        dtype,
+        device_baseline_mib,
     };
     let rows = pairstyle::bench::run_perf_bench(&mut unet, &b, &device)?;
-    let table = pairstyle::bench::perf_table(&rows, peak);
+    let table = pairstyle::bench::perf_table(&rows, peak, device_baseline_mib.is_some());
     print!("{table}");
     if let Some(reference) = reference {
         let ours =

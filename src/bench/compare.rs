@@ -18,6 +18,11 @@ use crate::error::{Error, Result};
 pub const TABLE_HEADER: &str =
     "| case | s | × plain CFG step | peak RSS MiB | latent | GFLOP | GFLOP/s | % of peak |";
 
+/// The same table on a GPU, where the memory column is peak device memory
+/// ([`super::device_mem`]).
+pub const TABLE_HEADER_DEVICE: &str =
+    "| case | s | × plain CFG step | peak device MiB | latent | GFLOP | GFLOP/s | % of peak |";
+
 /// The prefix of the line giving the measured machine peak.
 pub const PEAK_PREFIX: &str = "# machine peak:";
 
@@ -139,7 +144,9 @@ pub fn parse_report(text: &str) -> Result<PerfReport> {
                 rows.push(PerfRow {
                     case,
                     seconds,
-                    peak_mib: number(col("peak RSS MiB")).unwrap_or(f64::NAN),
+                    peak_mib: number(col("peak RSS MiB"))
+                        .or_else(|| number(col("peak device MiB")))
+                        .unwrap_or(f64::NAN),
                     gflop: number(col("GFLOP")),
                     percent_of_peak: number(col("% of peak")),
                 });

@@ -8,6 +8,7 @@
 //! - [`compare`]: the same cases run by the PyTorch reference (`tools/reference/`), side by side.
 
 pub mod compare;
+pub mod device_mem;
 pub mod flops;
 pub mod quality;
 
@@ -96,15 +97,15 @@ pub fn random_unet(config_json: &str, seed: u64, dtype: DType, device: &Device) 
     )
 }
 
-/// The machine's f32 matmul throughput as this process sees it: the best of `tries` timed
+/// The machine's matmul throughput in `dtype` as this process sees it: the best of `tries` timed
 /// `n × n × n` candle matmuls (after one warm-up) on `device`, with the current thread count, in
 /// GFLOP/s (`2·n³` FLOPs each). `bench perf` divides achieved GFLOP/s by this.
-pub fn measure_gemm_peak(n: usize, tries: usize, device: &Device) -> Result<f64> {
+pub fn measure_gemm_peak(n: usize, tries: usize, dtype: DType, device: &Device) -> Result<f64> {
     if n == 0 {
         return Err(Error::InvalidArgument("GEMM size must be positive".into()));
     }
-    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
     a.matmul(&b)?; // warm-up: thread pools, packing buffers
     device.synchronize()?;
     let mut best = f64::INFINITY;
@@ -133,6 +134,12 @@ pub struct PerfBench {
     pub styles: Vec<usize>,
     /// Whether to time the training iteration.
     pub train: bool,
+    /// Precision of the UNet's frozen weights and activations (the UNet must be loaded in it);
+    /// LoRA parameters, their gradients and AdamW state are f32 whatever this is.
+    pub dtype: DType,
+    /// On a GPU: device memory in use (MiB) when the device was opened, before the model; peak
+    /// device memory is reported above it. `None` on the CPU (peak RSS is reported).
+    pub device_baseline_mib: Option<f64>,
 }
 
 /// One measured row.
@@ -142,7 +149,7 @@ pub struct BenchRow {
     pub case: String,
     /// Median seconds per repetition.
     pub median_s: f64,
-    /// Peak RSS in MiB while running it.
+    /// Peak RSS in MiB while running it (on a GPU: peak device memory above the baseline).
     pub peak_mib: f64,
     /// Latent side it ran at.
     pub latent: usize,
@@ -157,10 +164,11 @@ impl BenchRow {
     }
 }
 
-/// The `bench perf` table (header [`compare::TABLE_HEADER`]): median seconds, ratio to the plain
-/// CFG step for sampling rows, peak RSS, latent side, GFLOP needed, achieved GFLOP/s and its
-/// percentage of `peak_gflops` (the measured GEMM peak).
-pub fn perf_table(rows: &[BenchRow], peak_gflops: f64) -> String {
+/// The `bench perf` table (header [`compare::TABLE_HEADER`], or [`compare::TABLE_HEADER_DEVICE`]
+/// when `on_device`): median seconds, ratio to the plain CFG step for sampling rows, peak RSS (or
+/// peak device memory), latent side, GFLOP needed, achieved GFLOP/s and its percentage of
+/// `peak_gflops` (the measured GEMM peak).
+pub fn perf_table(rows: &[BenchRow], peak_gflops: f64, on_device: bool) -> String {
     let plain = rows
         .iter()
         .find(|r| r.case.contains("plain CFG"))
@@ -169,7 +177,11 @@ pub fn perf_table(rows: &[BenchRow], peak_gflops: f64) -> String {
         "{}
 |---|---|---|---|---|---|---|---|
 ",
-        compare::TABLE_HEADER
+        if on_device {
+            compare::TABLE_HEADER_DEVICE
+        } else {
+            compare::TABLE_HEADER
+        }
     );
     for r in rows {
         let ratio = match plain {
@@ -197,16 +209,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+/// (median seconds, peak MiB) of `f` after one warm-up. The device is synchronised after each
+/// call, so GPU work is inside the time. Memory: peak RSS on the CPU; on a GPU, peak device
+/// memory in use above `device_baseline_mib` ([`device_mem`]).
+fn timed(
+    device: &Device,
+    device_baseline_mib: Option<f64>,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
     reset_peak_rss();
+    let sampler = device_baseline_mib.and_then(|_| device_mem::PeakSampler::start(device));
     f()?; // warm-up
+    device.synchronize()?;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
         let t = Instant::now();
         f()?;
+        device.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
     }
-    Ok((median(times), peak_rss_mib()))
+    let mem = match (sampler, device_baseline_mib) {
+        (Some(s), Some(base)) => s.finish() - base,
+        _ => peak_rss_mib(),
+    };
+    Ok((median(times), mem))
 }
 
 /// Time one training iteration (content + style step with backward and AdamW; unless
@@ -217,7 +244,9 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
             "--latent, --sample-latent and --rank must be positive".into(),
         ));
     }
-    let dtype = DType::F32;
+    let dtype = b.dtype;
+    // LoRA parameters stay f32 on a bf16/f16 UNet (mixed precision, as PEFT keeps them).
+    let lora_dtype = DType::F32;
     let cross = unet.config().down[0].cross_attention_dim;
     let pooled_dim = unet.config().text_time.map(|(a, p)| p - 6 * a);
     let mut noise = NoiseSource::new(0);
@@ -240,6 +269,7 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
             Some(p) => Some(AddedCond {
                 text_embeds: p.clone(),
                 time_ids: Tensor::new(&[[512f32, 512., 0., 0., 512., 512.]], device)?
+                    .to_dtype(dtype)?
                     .repeat((batch, 1))?,
             }),
             None => None,
@@ -255,7 +285,7 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
                 Ok(LayerParams {
                     path: l.path().to_string(),
                     down: candle_core::Var::from_tensor(
-                        &basis.rows(n_in, start, b.rank, dtype, device)?,
+                        &basis.rows(n_in, start, b.rank, lora_dtype, device)?,
                     )?,
                     up: candle_core::Var::from_tensor(
                         &(Tensor::randn(0f32, 0.01, (n_out, b.rank), device)?),
@@ -290,7 +320,7 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
     let mut rows = Vec::new();
     if b.train {
         let needed = flops::training_iteration(unet.config(), b.latent, b.rank)?.total();
-        let (s, m) = timed(b.reps, || {
+        let (s, m) = timed(device, b.device_baseline_mib, b.reps, || {
             train_iteration(
                 unet,
                 &schedule,
@@ -329,7 +359,7 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
             scales.set(&format!("style{i}"), Tensor::new(v, device)?);
         }
         let needed = flops::sampling_step(unet.config(), b.sample_latent, n, b.rank)?.total();
-        let (s, m) = timed(b.reps, || {
+        let (s, m) = timed(device, b.device_baseline_mib, b.reps, || {
             unet.forward(&x, &ts, &c.context, a.as_ref(), &scales)
                 .map(|_| ())
         })?;

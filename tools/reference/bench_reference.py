@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """PyTorch + diffusers + PEFT reference for `pairstyle bench perf` (formerly `bench cost`).
 
-Runs the same cases with the same shapes as `src/bench/mod.rs` (`run_perf_bench`) on the CPU,
-f32, and prints the same markdown table
+Runs the same cases with the same shapes as `src/bench/mod.rs` (`run_perf_bench`) on the CPU in
+f32 (default) or on a CUDA GPU (`--device cuda`, `--dtype f32|bf16|f16`: frozen weights and
+activations in that dtype, LoRA parameters and AdamW state in f32, as ours; the memory column is
+then `peak device MiB`: device memory in use, total − free, sampled every millisecond while the
+case runs, above what was in use once CUDA was initialised, as ours), and prints the same
+markdown table
 (case | s | × plain CFG step | peak RSS MiB | latent | GFLOP | GFLOP/s | % of peak):
 
 1. one Pair Customization training iteration: content step (only the content LoRA active, MSE
@@ -97,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--styles", default="0,1,2,4",
                    help="comma-separated style counts for the sampling cases (0 = plain CFG)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads(N)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
+                   help="frozen weights and activations (GPU only; LoRA and AdamW stay f32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--as-published", action="store_true",
                    help="copy two quirks of the published Pair Customization code: frozen A "
@@ -118,6 +125,8 @@ def parse_args(argv=None):
         a.sample_latent = a.latent
     if a.latent <= 0 or a.sample_latent <= 0 or a.rank <= 0 or a.threads <= 0:
         p.error("--latent, --sample-latent, --rank and --threads must be positive")
+    if a.device == "cpu" and a.dtype != "f32":
+        p.error("--dtype: the CPU run is f32")
     return a
 
 
@@ -182,18 +191,56 @@ GEMM_N = 1024
 GEMM_TRIES = 10
 
 
-def gemm_peak_gflops(n: int = GEMM_N, tries: int = GEMM_TRIES) -> float:
-    """Best of `tries` f32 n×n×n torch.matmul after one warm-up, in GFLOP/s (2·n³ each)."""
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_peak_gflops(n: int = GEMM_N, tries: int = GEMM_TRIES, device=None,
+                     dtype=None) -> float:
+    """Best of `tries` n×n×n torch.matmul after one warm-up, in GFLOP/s (2·n³ each)."""
+    device = device or torch.device("cpu")
+    dtype = dtype or torch.float32
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g)
-    b = torch.randn(n, n, generator=g)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
     torch.matmul(a, b)
+    sync(device)
     best = float("inf")
     for _ in range(max(tries, 1)):
         t = time.perf_counter()
         torch.matmul(a, b)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 / best / 1e9
+
+
+def device_in_use_mib(device) -> float:
+    """Memory in use on the GPU (total − free, whole device) in MiB, as ours reads it."""
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / (1024.0 * 1024.0)
+
+
+class PeakSampler:
+    """Polls device_in_use_mib every millisecond in a thread; .finish() gives the maximum."""
+
+    def __init__(self, device):
+        import threading
+        self.device = device
+        self.peak = device_in_use_mib(device)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, device_in_use_mib(self.device))
+            time.sleep(0.001)
+
+    def finish(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
 
 
 class FlopCounter:
@@ -280,6 +327,7 @@ def init_like_ours(unet: torch.nn.Module, seed: int) -> None:
 
 
 def build_unet(args) -> tuple[str, UNet2DConditionModel]:
+    """The UNet in f32 on the CPU (main moves it to the device and dtype)."""
     if args.model is not None:
         d = args.model
         if (d / "unet" / "config.json").is_file():
@@ -324,6 +372,10 @@ class Adapters:
                              init_lora_weights=True, target_modules=list(TARGETS))
             unet.add_adapter(cfg, adapter_name=name)
         self.layers = [m for _, m in unet.named_modules() if isinstance(m, LoraLayer)]
+        for m in self.layers:  # f32 LoRA on a bf16/f16 base (mixed precision, as ours)
+            for name in names:
+                m.lora_A[name].float()
+                m.lora_B[name].float()
         self.short_basis = False
         bases: dict[int, torch.Tensor] = {}
         g = torch.Generator().manual_seed(seed + 1)
@@ -355,6 +407,8 @@ class Adapters:
         self.unet.add_adapter(cfg, adapter_name=dst)
         with torch.no_grad():
             for m in self.layers:
+                m.lora_A[dst].float()
+                m.lora_B[dst].float()
                 m.lora_A[dst].weight.copy_(m.lora_A[src].weight)
                 m.lora_B[dst].weight.copy_(m.lora_B[src].weight)
         self.names.append(dst)
@@ -379,31 +433,60 @@ def median(v: list[float]) -> float:
     return v[len(v) // 2]  # the same (upper) median as src/bench/mod.rs
 
 
+DEVICE = None  # torch.device of the run (set in main)
+DEVICE_BASELINE_MIB = None  # GPU memory in use once CUDA was initialised (GPU runs only)
+
+
 def timed(reps: int, f) -> tuple[float, float, float, float]:
-    """(median s, VmHWM MiB since reset, RSS at start MiB, ru_maxrss MiB) of f after 1 warm-up."""
+    """(median s, peak MiB, MiB at start, lifetime MiB) of f after 1 warm-up; the device is
+    synchronised after each call. CPU: VmHWM since reset, RSS at start, ru_maxrss. GPU: peak
+    device memory in use above DEVICE_BASELINE_MIB (sampled), in use at start above it, and
+    torch.cuda.max_memory_allocated."""
     gc.collect()
-    start_rss = rss_field_mib("VmRSS")
-    reset_peak_rss()
+    cpu = torch.device("cpu")
+    gpu = DEVICE is not None and DEVICE.type == "cuda"
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        start = device_in_use_mib(DEVICE) - DEVICE_BASELINE_MIB
+        sampler = PeakSampler(DEVICE)
+    else:
+        start = rss_field_mib("VmRSS")
+        reset_peak_rss()
     f()  # warm-up
+    sync(DEVICE or cpu)
     times = []
     for _ in range(max(reps, 1)):
         t = time.perf_counter()
         f()
+        sync(DEVICE or cpu)
         times.append(time.perf_counter() - t)
-    return median(times), rss_field_mib("VmHWM"), start_rss, ru_maxrss_mib()
+    if gpu:
+        peak = sampler.finish() - DEVICE_BASELINE_MIB
+        return (median(times), peak, start,
+                torch.cuda.max_memory_allocated(DEVICE) / (1024.0 * 1024.0))
+    return median(times), rss_field_mib("VmHWM"), start, ru_maxrss_mib()
 
 
 def main(args) -> int:
-    global LOAD_AT_START
+    global LOAD_AT_START, DEVICE, DEVICE_BASELINE_MIB
     try:
         LOAD_AT_START = " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         LOAD_AT_START = "unknown"
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dtype = torch.float32
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    device = DEVICE = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.init()
+        torch.empty(1, device=device)  # creates the context
+        sync(device)
+        DEVICE_BASELINE_MIB = device_in_use_mib(device)
 
     label, unet = build_unet(args)
+    unet = unet.to(device, dtype)
     cfg = unet.config
     cross = cfg.cross_attention_dim
     if isinstance(cross, (list, tuple)):
@@ -416,16 +499,16 @@ def main(args) -> int:
     in_ch = cfg.in_channels
 
     def latent(batch, side=L):
-        return torch.randn(batch, in_ch, side, side, dtype=dtype)
+        return torch.randn(batch, in_ch, side, side).to(device, dtype)
 
     def cond(batch):
-        ctx = torch.randn(batch, 77, cross, dtype=dtype)
+        ctx = torch.randn(batch, 77, cross).to(device, dtype)
         if pooled_dim is None:
             return ctx, None
         added = {
-            "text_embeds": torch.randn(batch, pooled_dim, dtype=dtype),
-            "time_ids": torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]],
-                                     dtype=dtype).repeat(batch, 1),
+            "text_embeds": torch.randn(batch, pooled_dim).to(device, dtype),
+            "time_ids": torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]]
+                                     ).to(device, dtype).repeat(batch, 1),
         }
         return ctx, added
 
@@ -443,7 +526,7 @@ def main(args) -> int:
     ctx_c, added_c = cond(1)
     ctx_s, added_s = cond(1)
     x0_c, x0_s, noise = latent(1), latent(1), latent(1)
-    t = torch.tensor([TIMESTEP], dtype=torch.long)
+    t = torch.tensor([TIMESTEP], dtype=torch.long, device=device)
 
     def set_grads(step: str) -> None:
         if not args.as_published:
@@ -523,7 +606,7 @@ def main(args) -> int:
         batch = 2 + n
         ctx, added = cond(batch)
         x = latent(batch, args.sample_latent)
-        ts = torch.full((batch,), float(TIMESTEP), dtype=dtype)
+        ts = torch.full((batch,), float(TIMESTEP), dtype=torch.float32, device=device)
 
         if n == 0:
             def step():
@@ -581,7 +664,8 @@ def main(args) -> int:
             sw.append(time.perf_counter() - t0)
         switch_ms = median(sw) * 1e3
 
-    peak = gemm_peak_gflops()
+    gemm_n = 8192 if gpu else GEMM_N
+    peak = gemm_peak_gflops(gemm_n, GEMM_TRIES, device, dtype)
     plain = next((r[1] for r in rows if "plain CFG" in r[0]), None)
     reset_ok = reset_peak_rss()
     mem_note = ("peak RSS = VmHWM after clear_refs 5 at the start of each case (process RSS "
@@ -592,15 +676,24 @@ def main(args) -> int:
           f"latent {L}x{L}"
           + (f" (sampling {args.sample_latent}x{args.sample_latent})"
              if args.sample_latent != L else "")
-          + f", batch 1 per branch, f32, rank {args.rank}, threads {args.threads}, "
+          + ", batch 1 per branch, "
+          + (f"cuda ({torch.cuda.get_device_name(device)}), {args.dtype} weights and activations,"
+             f" f32 LoRA and AdamW" if gpu else "f32")
+          + f", rank {args.rank}, threads {args.threads}, "
           f"median of {args.reps} after 1 warm-up"
           + ("; --as-published" if args.as_published else ""))
-    print(f"# machine peak: {peak:.1f} GFLOP/s (f32 GEMM {GEMM_N}×{GEMM_N}×{GEMM_N}, "
-          f"torch.matmul, best of {GEMM_TRIES}, {args.threads} threads)")
+    print(f"# machine peak: {peak:.1f} GFLOP/s ({args.dtype} GEMM {gemm_n}×{gemm_n}×{gemm_n}, "
+          f"torch.matmul, best of {GEMM_TRIES}, "
+          + ("cuda)" if gpu else f"{args.threads} threads)"))
     print("# GFLOP: counted with module hooks in one untimed run (convention of "
           "src/bench/flops.rs)"
           + ("; WARNING: no scaled_dot_product_attention call was seen, attention FLOPs are "
              "missing" if attention_missed else ""))
+    if gpu:
+        mem_note = (f"peak device MiB = device memory in use (total − free, sampled every ms) "
+                    f"above the {DEVICE_BASELINE_MIB:.0f} MiB in use once CUDA was initialised; "
+                    f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+                    f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32} (defaults)")
     print(f"# {mem_note}")
     print(f"# load average at start: {LOAD_AT_START}"
           + (f"; one adapter switch (unet.set_adapters) takes {switch_ms:.1f} ms, an N-style "
@@ -610,16 +703,18 @@ def main(args) -> int:
     if ad.short_basis:
         print("# note: some layers have fewer than 2×rank input features; their A rows are "
               "Gaussian, not orthonormal (no effect on cost)")
-    print("| case | s | × plain CFG step | peak RSS MiB | latent | GFLOP | GFLOP/s | % of peak |")
+    mem_col = "peak device MiB" if gpu else "peak RSS MiB"
+    print(f"| case | s | × plain CFG step | {mem_col} | latent | GFLOP | GFLOP/s | % of peak |")
     print("|---|---|---|---|---|---|---|---|")
     for case, s, m, _, ru, lat, fl in rows:
         ratio = f"{s / plain:.2f}" if plain and case.startswith("sampling") else ""
-        mib = m if reset_ok else ru
+        mib = m if (reset_ok or gpu) else ru
         achieved = fl / s / 1e9
         print(f"| {case} | {s:.3f} | {ratio} | {mib:.0f} | {lat} | {fl / 1e9:.3f} "
               f"| {achieved:.1f} | {100 * achieved / peak:.1f} |")
     print()
-    print("| case (memory detail) | RSS before case MiB | VmHWM since reset MiB | ru_maxrss MiB |")
+    print("| case (memory detail) | in use before case MiB | peak since reset MiB | "
+          + ("torch max_memory_allocated MiB |" if gpu else "ru_maxrss MiB |"))
     print("|---|---|---|---|")
     for case, _, m, r0, ru, _, _ in rows:
         print(f"| {case} | {r0:.0f} | {m:.0f} | {ru:.0f} |")
