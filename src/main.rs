@@ -1144,17 +1144,12 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
         bail!("--latent, --sample-latent, --rank and --reps must be at least 1");
     }
     let device = config.runtime.device.parse::<DeviceSpec>()?.resolve()?;
-    let dtype = config.runtime.dtype.parse::<DTypeSpec>()?.dtype();
+    let dtype_spec = config.runtime.dtype.parse::<DTypeSpec>()?;
+    let dtype = dtype_spec.dtype();
     // On a GPU, memory is reported above what was in use once the device was open.
     let device_baseline_mib = pairstyle::bench::device_mem::in_use_mib(&device);
-    let (device_arg, dtype_arg) = (
-        if device.is_cpu() { "cpu" } else { "cuda" },
-        match dtype {
-            candle_core::DType::BF16 => "bf16",
-            candle_core::DType::F16 => "f16",
-            _ => "f32",
-        },
-    );
+    let device_arg = if device.is_cpu() { "cpu" } else { "cuda" };
+    let dtype_arg = dtype_spec.to_string();
     if a.vs_reference && device.is_cpu() && dtype != candle_core::DType::F32 {
         bail!("--vs-reference on the CPU compares in f32 (the reference's CPU run is f32); pass --dtype f32");
     }
@@ -1201,7 +1196,7 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
             ("--styles", styles),
             ("--threads", threads.to_string()),
             ("--device", device_arg.to_string()),
-            ("--dtype", dtype_arg.to_string()),
+            ("--dtype", dtype_arg.clone()),
         ] {
             args.push(flag.to_string());
             args.push(v);
@@ -1277,7 +1272,7 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
         "# ours (candle 0.11, {}): {label}; latent {l}x{l}{sampling}, batch 1 per branch, {}, rank {}, threads {threads}, median of {} after 1 warm-up",
         if cfg!(debug_assertions) { "dev profile" } else { "release profile" },
         if device.is_cpu() {
-            dtype_arg.to_string()
+            dtype_arg.clone()
         } else {
             format!("{device_arg}, {dtype_arg} weights and activations, f32 LoRA and AdamW")
         },

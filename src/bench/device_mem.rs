@@ -54,20 +54,21 @@ impl PeakSampler {
 
     /// Stop sampling; the largest reading in MiB.
     pub fn finish(mut self) -> f64 {
+        self.stop_thread();
+        self.peak.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+    }
+
+    fn stop_thread(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-        self.peak.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
     }
 }
 
 impl Drop for PeakSampler {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        self.stop_thread();
     }
 }
 

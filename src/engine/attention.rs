@@ -69,24 +69,25 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
     Ok(q.apply_op3_arc(k, v, Arc::new(Box::new(op)))?)
 }
 
-/// The sizes of one attention call, checked once.
+/// The sizes of one attention call, checked once (here and in [`super::attention_blockwise`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct AttnDims {
-    batch: usize,
+pub(crate) struct AttnDims {
+    pub(crate) batch: usize,
     /// Query rows N.
-    n: usize,
+    pub(crate) n: usize,
     /// Key/value rows M.
-    m: usize,
-    heads: usize,
+    pub(crate) m: usize,
+    pub(crate) heads: usize,
     /// Head width D.
-    d: usize,
+    pub(crate) d: usize,
 }
 
 impl AttnDims {
-    fn new(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> Result<Self> {
+    /// Check queries [B, N, H·D] against keys/values [B, M, H·D] for `heads` heads.
+    pub(crate) fn new(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> Result<Self> {
         let bad = |why: &str| {
             Error::InvalidArgument(format!(
-                "fused attention: {why} (q {q:?}, k {k:?}, v {v:?}, {heads} heads)"
+                "attention: {why} (q {q:?}, k {k:?}, v {v:?}, {heads} heads)"
             ))
         };
         let (&[b, n, c], &[kb, m, kc], &[vb, vm, vc]) = (q, k, v) else {

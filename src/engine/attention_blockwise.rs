@@ -17,13 +17,11 @@
 //! (`shared/CANDLE.md`): it is never differentiated here, since the forward is untracked and the
 //! backward is written out above.
 
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Shape, Tensor, D};
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Storage, Tensor, D,
-};
-
-use super::frozen::take_precomputed;
+use super::attention::AttnDims;
+use super::frozen::Precomputed;
+use super::nn::upcast;
 use crate::error::{Error, Result};
 
 /// Upper bound on one block's f32 score tensor [B·H, rows, M] in bytes; the number of query rows
@@ -60,103 +58,73 @@ pub fn blockwise_attention_rows(
     upcast_scores: bool,
     rows: usize,
 ) -> Result<Tensor> {
-    let g = Geometry::new(q, k, v, heads, upcast_scores, rows)?;
+    let dims = AttnDims::new(q.dims(), k.dims(), v.dims(), heads)?;
+    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+        return Err(Error::InvalidArgument(format!(
+            "attention: q, k and v must have one dtype (got {:?}/{:?}/{:?})",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        )));
+    }
+    let g = Geometry {
+        dims,
+        rows: rows.max(1),
+        upcast_scores,
+    };
     let out = g.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
-    let out = if out.is_contiguous() && out.layout().start_offset() == 0 {
-        out
-    } else {
-        out.force_contiguous()?
-    };
     let op = BlockwiseAttention {
         geometry: g,
-        output: Mutex::new(Some(out)),
+        output: Precomputed::new(NAME, out)?,
     };
     Ok(q.apply_op3(k, v, op)?)
 }
 
-/// Shapes of one call, checked once.
+/// One call's sizes and settings.
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
-    b: usize,
-    n: usize,
-    m: usize,
-    heads: usize,
-    d: usize,
+    dims: AttnDims,
+    /// Query rows per block.
     rows: usize,
     upcast_scores: bool,
 }
 
 impl Geometry {
-    fn new(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-        upcast_scores: bool,
-        rows: usize,
-    ) -> Result<Self> {
-        let bad = |why: &str| {
-            Error::InvalidArgument(format!(
-                "attention: {why} (q {:?}, k {:?}, v {:?}, {heads} heads)",
-                q.dims(),
-                k.dims(),
-                v.dims()
-            ))
-        };
-        let (&[b, n, c], &[kb, m, kc], &[vb, vm, vc]) = (q.dims(), k.dims(), v.dims()) else {
-            return Err(bad("inputs must have rank 3 [batch, tokens, heads·width]"));
-        };
-        if kb != b || vb != b || vm != m || kc != c || vc != c {
-            return Err(bad("shapes do not fit"));
-        }
-        if heads == 0 || c % heads != 0 {
-            return Err(bad("width does not divide into the heads"));
-        }
-        if m == 0 {
-            return Err(bad("empty key sequence"));
-        }
-        if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
-            return Err(bad("q, k and v must have one dtype"));
-        }
-        Ok(Self {
-            b,
-            n,
-            m,
-            heads,
-            d: c / heads,
-            rows: rows.max(1),
-            upcast_scores,
-        })
-    }
-
     fn scale(&self) -> f64 {
-        1.0 / (self.d as f64).sqrt()
+        1.0 / (self.dims.d as f64).sqrt()
     }
 
     /// [B, len, H·D] → [B·H, len, D], contiguous.
     fn split(&self, t: &Tensor, len: usize) -> candle_core::Result<Tensor> {
-        t.reshape((self.b, len, self.heads, self.d))?
+        let AttnDims {
+            batch, heads, d, ..
+        } = self.dims;
+        t.reshape((batch, len, heads, d))?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((self.b * self.heads, len, self.d))
+            .reshape((batch * heads, len, d))
     }
 
-    /// [B·H, N, D] → [B, N, H·D].
-    fn merge(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        t.reshape((self.b, self.heads, self.n, self.d))?
+    /// [B·H, len, D] → [B, len, H·D].
+    fn merge(&self, t: &Tensor, len: usize) -> candle_core::Result<Tensor> {
+        let AttnDims {
+            batch, heads, d, ..
+        } = self.dims;
+        t.reshape((batch, heads, len, d))?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((self.b, self.n, self.heads * self.d))
+            .reshape((batch, len, heads * d))
     }
 
     /// The query blocks as (first row, row count).
     fn blocks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..self.n)
+        let n = self.dims.n;
+        (0..n)
             .step_by(self.rows)
-            .map(|s| (s, self.rows.min(self.n - s)))
+            .map(move |s| (s, self.rows.min(n - s)))
     }
 
     /// f32 softmax weights of one query block `qb` [B·H, r, D] against all keys `kh`.
@@ -174,9 +142,9 @@ impl Geometry {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = q.dtype();
         let (qh, kh, vh) = (
-            self.split(q, self.n)?,
-            self.split(k, self.m)?,
-            self.split(v, self.m)?,
+            self.split(q, self.dims.n)?,
+            self.split(k, self.dims.m)?,
+            self.split(v, self.dims.m)?,
         );
         let mut parts = Vec::new();
         for (s, r) in self.blocks() {
@@ -188,7 +156,7 @@ impl Geometry {
         } else {
             Tensor::cat(&parts, 1)?
         };
-        self.merge(&out)
+        self.merge(&out, self.dims.n)
     }
 
     /// (dQ, dK, dV) for the output gradient `grad` [B, N, H·D], by recomputation per block.
@@ -202,12 +170,12 @@ impl Geometry {
         let dtype = q.dtype();
         let scale = self.scale();
         let (qh, kh, vh) = (
-            self.split(q, self.n)?,
-            self.split(k, self.m)?,
-            self.split(v, self.m)?,
+            self.split(q, self.dims.n)?,
+            self.split(k, self.dims.m)?,
+            self.split(v, self.dims.m)?,
         );
-        let gh = self.split(&grad.to_dtype(dtype)?, self.n)?;
-        let kv_shape = (self.b * self.heads, self.m, self.d);
+        let gh = self.split(&grad.to_dtype(dtype)?, self.dims.n)?;
+        let kv_shape = (self.dims.batch * self.dims.heads, self.dims.m, self.dims.d);
         // f32 accumulators for half precision; f32/f64 inputs accumulate in their own dtype.
         let acc = upcast(&Tensor::zeros(kv_shape, dtype, q.device())?)?;
         let (mut dk, mut dv) = (acc.clone(), acc);
@@ -228,39 +196,22 @@ impl Geometry {
         } else {
             Tensor::cat(&dq_parts, 1)?
         };
-        let merge_kv = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.to_dtype(dtype)?
-                .reshape((self.b, self.heads, self.m, self.d))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((self.b, self.m, self.heads * self.d))
-        };
-        Ok((self.merge(&dq)?, merge_kv(dk)?, merge_kv(dv)?))
-    }
-}
-
-fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
-    match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
-        _ => Ok(x.clone()),
+        let m = self.dims.m;
+        Ok((
+            self.merge(&dq, self.dims.n)?,
+            self.merge(&dk.to_dtype(dtype)?, m)?,
+            self.merge(&dv.to_dtype(dtype)?, m)?,
+        ))
     }
 }
 
 /// The custom op: its forward hands over the precomputed output, its backward recomputes.
 struct BlockwiseAttention {
     geometry: Geometry,
-    output: Mutex<Option<Tensor>>,
+    output: Precomputed,
 }
 
 const NAME: &str = "blockwise-attention";
-
-impl BlockwiseAttention {
-    fn wrong_device(expected: &str) -> candle_core::Error {
-        candle_core::Error::Msg(format!(
-            "{NAME}: output is not on the {expected} device of its inputs"
-        ))
-    }
-}
 
 impl CustomOp3 for BlockwiseAttention {
     fn name(&self) -> &'static str {
@@ -276,10 +227,7 @@ impl CustomOp3 for BlockwiseAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match take_precomputed(&self.output, NAME)? {
-            (Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => Err(Self::wrong_device("cpu")),
-        }
+        self.output.cpu()
     }
 
     fn cuda_fwd(
@@ -291,10 +239,7 @@ impl CustomOp3 for BlockwiseAttention {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        match take_precomputed(&self.output, NAME)? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => Err(Self::wrong_device("cuda")),
-        }
+        self.output.cuda()
     }
 
     fn metal_fwd(
@@ -306,10 +251,7 @@ impl CustomOp3 for BlockwiseAttention {
         _: &MetalStorage,
         _: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        match take_precomputed(&self.output, NAME)? {
-            (Storage::Metal(s), shape) => Ok((s, shape)),
-            _ => Err(Self::wrong_device("metal")),
-        }
+        self.output.metal()
     }
 
     fn bwd(

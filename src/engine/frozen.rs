@@ -135,37 +135,81 @@ struct FrozenOp {
     input_shape: Shape,
     /// The output, computed before the op is applied and taken by its forward (so that the op,
     /// which lives in the graph until backward, does not keep a second copy of it).
-    output: Mutex<Option<Tensor>>,
+    output: Precomputed,
     backward: Backward,
 }
 
-/// Take a custom op's precomputed output out of its slot as an owned storage (one copy) and its
-/// shape: the forward of ops whose value was computed with untracked ops beforehand (here, and
-/// [`super::attention_blockwise`]). A second forward is an error.
-pub(crate) fn take_precomputed(
-    slot: &Mutex<Option<Tensor>>,
-    name: &str,
-) -> candle_core::Result<(Storage, Shape)> {
-    let out = slot
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .take();
-    let Some(out) = out else {
-        candle_core::bail!("{name}: forward run twice");
-    };
-    let (storage, out_layout) = out.storage_and_layout();
-    let storage = storage.try_clone(out_layout)?;
-    Ok((storage, out.shape().clone()))
+/// The output of a custom op computed beforehand with untracked ops, handed over once by the op's
+/// forward as an owned storage (one copy); a second forward is an error. Used by [`FrozenOp`]
+/// and by [`super::attention_blockwise`].
+pub(crate) struct Precomputed {
+    name: &'static str,
+    slot: Mutex<Option<Tensor>>,
+}
+
+impl Precomputed {
+    /// Hold `out` for the forward of the op `name` (made contiguous from offset 0 first, which
+    /// is what a forward must return).
+    pub(crate) fn new(name: &'static str, out: Tensor) -> candle_core::Result<Self> {
+        let out = if out.is_contiguous() && out.layout().start_offset() == 0 {
+            out
+        } else {
+            out.force_contiguous()?
+        };
+        Ok(Self {
+            name,
+            slot: Mutex::new(Some(out)),
+        })
+    }
+
+    fn take(&self) -> candle_core::Result<(Storage, Shape)> {
+        let out = self
+            .slot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(out) = out else {
+            candle_core::bail!("{}: forward run twice", self.name);
+        };
+        let (storage, out_layout) = out.storage_and_layout();
+        let storage = storage.try_clone(out_layout)?;
+        Ok((storage, out.shape().clone()))
+    }
+
+    fn wrong_device(&self, expected: &str) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "{}: output is not on the {expected} device of its input",
+            self.name
+        ))
+    }
+
+    /// The output for a CPU forward.
+    pub(crate) fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => Err(self.wrong_device("cpu")),
+        }
+    }
+
+    /// The output for a CUDA forward.
+    pub(crate) fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => Err(self.wrong_device("cuda")),
+        }
+    }
+
+    /// The output for a Metal forward.
+    pub(crate) fn metal(&self) -> candle_core::Result<(MetalStorage, Shape)> {
+        match self.take()? {
+            (Storage::Metal(s), shape) => Ok((s, shape)),
+            _ => Err(self.wrong_device("metal")),
+        }
+    }
 }
 
 /// Apply a [`FrozenOp`] to `x` that outputs `out` and back-propagates through `backward`.
 fn attach(x: &Tensor, out: Tensor, backward: Backward) -> Result<Tensor> {
-    // The forward returns `out`'s storage as a fresh contiguous buffer starting at offset 0.
-    let out = if out.is_contiguous() && out.layout().start_offset() == 0 {
-        out
-    } else {
-        out.force_contiguous()?
-    };
     let name = match backward {
         Backward::Linear { .. } => "frozen-linear",
         Backward::Conv2d { .. } => "frozen-conv2d",
@@ -173,15 +217,15 @@ fn attach(x: &Tensor, out: Tensor, backward: Backward) -> Result<Tensor> {
     let op = FrozenOp {
         name,
         input_shape: x.shape().clone(),
-        output: Mutex::new(Some(out)),
+        output: Precomputed::new(name, out)?,
         backward,
     };
     Ok(x.apply_op1(op)?)
 }
 
 impl FrozenOp {
-    /// Take the precomputed output as an owned storage (one copy) and its shape.
-    fn take_output(&self, layout: &Layout) -> candle_core::Result<(Storage, Shape)> {
+    /// The forward must see the input it was built for.
+    fn check_input(&self, layout: &Layout) -> candle_core::Result<()> {
         if layout.shape() != &self.input_shape {
             candle_core::bail!(
                 "{}: applied to an input of shape {:?}, built for {:?}",
@@ -190,14 +234,7 @@ impl FrozenOp {
                 self.input_shape
             );
         }
-        take_precomputed(&self.output, self.name)
-    }
-
-    fn wrong_device(&self, expected: &str) -> candle_core::Error {
-        candle_core::Error::Msg(format!(
-            "{}: output is not on the {expected} device of its input",
-            self.name
-        ))
+        Ok(())
     }
 }
 
@@ -211,10 +248,8 @@ impl CustomOp1 for FrozenOp {
         _storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match self.take_output(layout)? {
-            (Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => Err(self.wrong_device("cpu")),
-        }
+        self.check_input(layout)?;
+        self.output.cpu()
     }
 
     fn cuda_fwd(
@@ -222,10 +257,8 @@ impl CustomOp1 for FrozenOp {
         _storage: &CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        match self.take_output(layout)? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => Err(self.wrong_device("cuda")),
-        }
+        self.check_input(layout)?;
+        self.output.cuda()
     }
 
     fn metal_fwd(
@@ -233,10 +266,8 @@ impl CustomOp1 for FrozenOp {
         _storage: &MetalStorage,
         layout: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        match self.take_output(layout)? {
-            (Storage::Metal(s), shape) => Ok((s, shape)),
-            _ => Err(self.wrong_device("metal")),
-        }
+        self.check_input(layout)?;
+        self.output.metal()
     }
 
     fn bwd(

@@ -406,11 +406,11 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `x` in f32 if it is a half-precision tensor, else unchanged.
-pub fn upcast(x: &Tensor) -> Result<Tensor> {
-    Ok(match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-        _ => x.clone(),
-    })
+pub fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
+    }
 }
 
 /// Scaled dot-product attention on [B, N, H·D] queries and [B, M, H·D] keys/values, split into
