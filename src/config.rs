@@ -123,8 +123,9 @@ impl Default for RuntimeConfig {
 pub struct GenerateConfig {
     /// Denoising steps.
     pub steps: usize,
-    /// Classifier-free guidance scale.
-    pub cfg: f64,
+    /// Classifier-free guidance scale, or `"auto"`: the model folder's recommendation
+    /// (`pairstyle.json`), else [`FALLBACK_CFG`].
+    pub cfg: CfgSetting,
     /// `default` (the model's own scheduler), `euler`, `ddim` or `pndm`.
     pub scheduler: String,
     /// Image width in pixels; 0 means the model's native size.
@@ -141,13 +142,91 @@ impl Default for GenerateConfig {
     fn default() -> Self {
         Self {
             steps: 30,
-            cfg: 7.5,
+            cfg: CfgSetting::Auto,
             scheduler: "default".into(),
             width: 0,
             height: 0,
             negative: String::new(),
             output_dir: "outputs".into(),
         }
+    }
+}
+
+/// The guidance scale `"auto"` falls back to when the model recommends none: Stable Diffusion's
+/// usual value.
+pub const FALLBACK_CFG: f64 = 7.5;
+
+/// `[generate] cfg`: a fixed classifier-free guidance scale, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum CfgSetting {
+    /// The model folder's recommended scale, else [`FALLBACK_CFG`].
+    #[default]
+    Auto,
+    /// This scale.
+    Scale(f64),
+}
+
+impl CfgSetting {
+    /// The scale to use with a model recommending `recommended` (its `pairstyle.json`).
+    pub fn resolve(self, recommended: Option<f64>) -> f64 {
+        match self {
+            CfgSetting::Scale(s) => s,
+            CfgSetting::Auto => recommended.unwrap_or(FALLBACK_CFG),
+        }
+    }
+
+    /// The fixed scale, `None` for `"auto"`.
+    pub fn scale(self) -> Option<f64> {
+        match self {
+            CfgSetting::Scale(s) => Some(s),
+            CfgSetting::Auto => None,
+        }
+    }
+}
+
+impl Serialize for CfgSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            CfgSetting::Auto => s.serialize_str("auto"),
+            CfgSetting::Scale(v) => s.serialize_f64(*v),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CfgSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = CfgSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a finite number ≥ 0 or \"auto\"")
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<CfgSetting, E> {
+                if v.is_finite() && v >= 0.0 {
+                    Ok(CfgSetting::Scale(v))
+                } else {
+                    Err(E::custom(format!(
+                        "cfg must be a finite number ≥ 0 or \"auto\" (got {v})"
+                    )))
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<CfgSetting, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<CfgSetting, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<CfgSetting, E> {
+                if v == "auto" {
+                    Ok(CfgSetting::Auto)
+                } else {
+                    Err(E::custom(format!(
+                        "cfg must be a finite number ≥ 0 or \"auto\" (got {v:?})"
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -219,6 +298,25 @@ mod tests {
         let err = Config::from_file(&p).unwrap_err().to_string();
         assert!(err.contains("bad.toml") && err.contains("devcie"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn cfg_is_a_number_or_auto_and_anything_else_is_a_clear_error() {
+        let parse = |v: &str| toml::from_str::<Config>(&format!("[generate]\ncfg = {v}\n"));
+        assert_eq!(parse("\"auto\"").unwrap().generate.cfg, CfgSetting::Auto);
+        assert_eq!(parse("6").unwrap().generate.cfg, CfgSetting::Scale(6.0));
+        assert_eq!(parse("2.5").unwrap().generate.cfg, CfgSetting::Scale(2.5));
+        for bad in ["\"high\"", "-1.0", "nan", "true"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("\"auto\""), "{bad}: {e}");
+        }
+        // What a config written back from the defaults says round-trips.
+        let text = toml::to_string(&Config::default()).unwrap();
+        assert!(text.contains("cfg = \"auto\""), "{text}");
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), Config::default());
+        assert_eq!(CfgSetting::Auto.resolve(Some(2.0)), 2.0);
+        assert_eq!(CfgSetting::Auto.resolve(None), FALLBACK_CFG);
+        assert_eq!(CfgSetting::Scale(9.0).resolve(Some(2.0)), 9.0);
     }
 
     #[test]

@@ -148,7 +148,15 @@ pub fn clock_seed() -> u64 {
 impl GenerationRequest {
     /// Check every setting that needs no model (steps, cfg, scheduler, λ, the LoRA-scale rules,
     /// size limits) and fill in the defaults of `g`; picks a seed when none is set.
-    pub fn check(&self, g: &GenerateConfig) -> Result<CheckedSettings, GenerateError> {
+    /// `model_cfg` is the model folder's recommended guidance scale ([`ModelDefaults`]), used
+    /// when neither the request nor `g` fixes one (`cfg = "auto"`).
+    ///
+    /// [`ModelDefaults`]: crate::engine::model_dir::ModelDefaults
+    pub fn check(
+        &self,
+        g: &GenerateConfig,
+        model_cfg: Option<f64>,
+    ) -> Result<CheckedSettings, GenerateError> {
         let steps = self.steps.unwrap_or(g.steps);
         if steps == 0 || steps > MAX_STEPS {
             return Err(GenerateError::setting(
@@ -156,7 +164,7 @@ impl GenerationRequest {
                 format!("must be between 1 and {MAX_STEPS} (got {steps})"),
             ));
         }
-        let cfg = self.cfg.unwrap_or(g.cfg);
+        let cfg = self.cfg.unwrap_or_else(|| g.cfg.resolve(model_cfg));
         if !cfg.is_finite() || cfg < 0.0 {
             return Err(GenerateError::setting(
                 "cfg",
@@ -497,7 +505,7 @@ pub fn generate<F: Into<StepFlow>>(
     source: &mut dyn StyleSource,
     on_step: impl FnMut(StepProgress) -> F,
 ) -> Result<Generated, GenerateError> {
-    let settings = request.check(&config.generate)?;
+    let settings = request.check(&config.generate, pipe.defaults().guidance_scale)?;
     let prepared = prepare(pipe, request, &settings, config, model, source)?;
     prepared.run(pipe, on_step)
 }
@@ -666,7 +674,7 @@ mod tests {
             seed: Some(5),
             ..Default::default()
         }
-        .check(&g)
+        .check(&g, None)
         .unwrap();
         assert_eq!(
             (
@@ -676,10 +684,16 @@ mod tests {
                 ok.scheduler,
                 ok.negative.as_deref()
             ),
-            (g.steps, g.cfg, 5, None, Some("blurry"))
+            (
+                g.steps,
+                crate::config::FALLBACK_CFG,
+                5,
+                None,
+                Some("blurry")
+            )
         );
         assert_eq!(ok.scheduler_name, "default");
-        let bad = |r: GenerationRequest| r.check(&g).unwrap_err().to_string();
+        let bad = |r: GenerationRequest| r.check(&g, None).unwrap_err().to_string();
         let base = GenerationRequest {
             prompt: "x".into(),
             ..Default::default()
@@ -732,7 +746,7 @@ mod tests {
             style_from: Some(10),
             ..base.clone()
         }
-        .check(&GenerateConfig::default())
+        .check(&GenerateConfig::default(), None)
         .is_ok());
         assert!(bad(GenerationRequest {
             styles: two[..1].to_vec(),
@@ -745,6 +759,35 @@ mod tests {
             ..base
         })
         .contains("exactly one style (got 0)"));
+    }
+
+    #[test]
+    fn cfg_comes_from_the_request_then_the_config_then_the_model() {
+        use crate::config::CfgSetting;
+        let req = GenerationRequest {
+            prompt: "x".into(),
+            seed: Some(1),
+            ..Default::default()
+        };
+        let auto = GenerateConfig::default();
+        let fixed = GenerateConfig {
+            cfg: CfgSetting::Scale(6.0),
+            ..GenerateConfig::default()
+        };
+        let cfg =
+            |r: &GenerationRequest, g: &GenerateConfig, m: Option<f64>| r.check(g, m).unwrap().cfg;
+        assert_eq!(cfg(&req, &auto, Some(2.0)), 2.0, "auto: the model's");
+        assert_eq!(cfg(&req, &auto, None), 7.5, "auto without a recommendation");
+        assert_eq!(
+            cfg(&req, &fixed, Some(2.0)),
+            6.0,
+            "a fixed config value wins"
+        );
+        let asked = GenerationRequest {
+            cfg: Some(3.0),
+            ..req
+        };
+        assert_eq!(cfg(&asked, &fixed, Some(2.0)), 3.0, "the request wins");
     }
 
     #[test]

@@ -242,7 +242,12 @@ struct MethodBenchArgs {
     /// Training iterations per method (the style step starts after a quarter of them).
     #[arg(long)]
     iterations: Option<usize>,
-    /// Style guidance weight λ.
+    /// Classifier-free guidance scale (default: the model's recommended scale, else the
+    /// benchmark's 4).
+    #[arg(long)]
+    cfg: Option<f64>,
+    /// Style guidance weight λ (default: 0.75 × the guidance scale, between the paper's 3/5 for
+    /// prompts of the training pair's category and 4/5 for others).
     #[arg(long)]
     lambda: Option<f64>,
     /// LoRA scale of the LoRA-scale baselines.
@@ -261,15 +266,23 @@ struct ToyModelBenchArgs {
     /// Held-out prompts to generate and analyse.
     #[arg(long, default_value_t = 200)]
     prompts: usize,
+    /// Prompts of combinations seen in training (a diagnostic beside the bars; 0 skips it).
+    #[arg(long, default_value_t = 200)]
+    seen_prompts: usize,
     /// Held-out scenes through the VAE.
     #[arg(long, default_value_t = 200)]
     vae_scenes: usize,
     /// Denoising steps.
     #[arg(long, default_value_t = 25)]
     steps: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 4.0)]
-    cfg: f64,
+    /// Classifier-free guidance scale (default: the model's recommended scale, its
+    /// pairstyle.json, else 7.5).
+    #[arg(long)]
+    cfg: Option<f64>,
+    /// Seed of prompts, scenes and noise (0: the reported bars; another seed gives a disjoint
+    /// draw, e.g. to choose settings on prompts the bars are not measured on).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Folder for a contact sheet of samples (samples.png).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -600,7 +613,8 @@ fn generate(config: &Config, args: GenerateArgs) -> Result<()> {
         style_from: args.style_from,
         lora_scale: args.lora_scale,
     };
-    let settings = request.check(&config.generate).map_err(cli_error)?;
+    // Checked before any model work, so a bad flag fails at once.
+    request.check(&config.generate, None).map_err(cli_error)?;
     match args.output.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("png") => {}
         _ => bail!("output {} must end in .png", args.output.display()),
@@ -610,6 +624,13 @@ fn generate(config: &Config, args: GenerateArgs) -> Result<()> {
     let path = model_path(config, args.model.as_deref())?;
     let model =
         ModelDir::open(&path).with_context(|| format!("opening model {}", path.display()))?;
+    let model_cfg = model
+        .defaults()
+        .with_context(|| format!("reading {}", path.display()))?
+        .guidance_scale;
+    let settings = request
+        .check(&config.generate, model_cfg)
+        .map_err(cli_error)?;
     let t0 = std::time::Instant::now();
     let mut pipe = Pipeline::load(model, config.model.variant, dtype, &device)
         .with_context(|| format!("loading model {}", path.display()))?;
@@ -993,6 +1014,11 @@ fn load_pipeline(config: &Config, flag: Option<&Path>) -> Result<Pipeline> {
         .with_context(|| format!("loading model {}", path.display()))
 }
 
+/// `bench method`'s default λ as a fraction of the guidance scale: the paper's defaults are λ 3
+/// (same category) and 4 (other categories) at CFG 5, i.e. 0.6 and 0.8; the benchmark's prompts
+/// are half of each.
+const LAMBDA_PER_CFG: f64 = 0.75;
+
 fn bench_method(config: &Config, a: MethodBenchArgs) -> Result<()> {
     use pairstyle::bench::quality::{run_method_bench, MethodBench};
     use pairstyle::toy::StyleKind;
@@ -1022,9 +1048,6 @@ fn bench_method(config: &Config, a: MethodBenchArgs) -> Result<()> {
         b.train.iterations = n;
         b.train.style_start = n / 4;
     }
-    if let Some(l) = a.lambda {
-        b.lambda = l;
-    }
     if let Some(l) = a.lora_scale {
         b.lora_scale = l;
     }
@@ -1035,6 +1058,11 @@ fn bench_method(config: &Config, a: MethodBenchArgs) -> Result<()> {
         bail!("--prompts, --seeds, --steps and --styles must not be zero or empty");
     }
     let mut pipe = load_pipeline(config, a.model.as_deref())?;
+    if let Some(c) = a.cfg.or(pipe.defaults().guidance_scale) {
+        b.cfg = c;
+    }
+    b.lambda = a.lambda.unwrap_or(LAMBDA_PER_CFG * b.cfg);
+    eprintln!("guidance scale {}, style guidance λ {}", b.cfg, b.lambda);
     if let Some(n) = pipe.native_size() {
         b.train.resolution = n;
     }
@@ -1049,12 +1077,17 @@ fn bench_toy_model(config: &Config, a: ToyModelBenchArgs) -> Result<()> {
     use pairstyle::toy::analyse::Attribute;
 
     let pipe = load_pipeline(config, a.model.as_deref())?;
+    let cfg = a
+        .cfg
+        .unwrap_or_else(|| config.generate.cfg.resolve(pipe.defaults().guidance_scale));
+    eprintln!("guidance scale {cfg}");
     let q = ModelQualityBench {
         prompts: a.prompts,
+        seen_prompts: a.seen_prompts,
         steps: a.steps,
-        cfg: a.cfg,
+        cfg,
         vae_scenes: a.vae_scenes,
-        seed: 0,
+        seed: a.seed,
     };
     let r = run_model_quality(&pipe, &q, a.out.as_deref(), |line| eprintln!("{line}"))?;
     let p = &r.prompt_accuracy;
@@ -1092,6 +1125,50 @@ fn bench_toy_model(config: &Config, a: ToyModelBenchArgs) -> Result<()> {
         r.analyser_accuracy.percent(Attribute::Shape),
         r.analyser_accuracy.percent(Attribute::Position)
     );
+    let attrs = |acc: &pairstyle::toy::AttributeAccuracy| {
+        format!(
+            "{:.1} / {:.1} / {:.1} / {:.1} %",
+            acc.percent(Attribute::Colour),
+            acc.percent(Attribute::Shape),
+            acc.percent(Attribute::Position),
+            acc.all_correct_percent()
+        )
+    };
+    println!("\nBreakdown (colour / shape / position / all four of an object):\n");
+    println!("| objects | count | accuracy |");
+    println!("|---|---:|---|");
+    println!(
+        "| every object of the held-out prompts | {} | {} |",
+        p.objects,
+        attrs(p)
+    );
+    println!(
+        "| held-out (shape, colour) objects only | {} | {} |",
+        r.held_out_objects.objects,
+        attrs(&r.held_out_objects)
+    );
+    if a.seen_prompts > 0 {
+        println!(
+            "| {} new prompts of seen combinations | {} | {} |",
+            a.seen_prompts,
+            r.seen_prompt_accuracy.objects,
+            attrs(&r.seen_prompt_accuracy)
+        );
+    }
+    if !r.held_out_colour_errors.is_empty() {
+        let errs: Vec<String> = r
+            .held_out_colour_errors
+            .iter()
+            .map(|((want, got), n)| match got {
+                Some(g) => format!("{want}→{g} {n}"),
+                None => format!("{want}→none {n}"),
+            })
+            .collect();
+        println!(
+            "\nHeld-out objects' colour errors (asked→drawn count): {}",
+            errs.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -110,6 +110,14 @@ fn embedded_model_is_the_default() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let img = image::open(&png).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (64, 64), "the model's native size");
+    // `cfg = "auto"` (the default) takes the toy model's recommended scale from its
+    // pairstyle.json, not Stable Diffusion's 7.5 (at which this model's colours collapse).
+    let text = read_png_text(&png).unwrap();
+    let cfg = text
+        .iter()
+        .find(|(k, _)| k == "cfg")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(cfg, Some("2"), "{text:?}");
 
     // `toy model` writes the same folder anywhere, and refuses to overwrite.
     let copy = dir.join("copy");

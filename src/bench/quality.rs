@@ -13,6 +13,7 @@
 //!   the prompt's;
 //! - **diversity**: mean pixel difference between the outputs of different seeds.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -25,7 +26,8 @@ use crate::engine::pipeline::{GenerateRequest, Guidance, Pipeline, StyleTerm};
 use crate::error::{Error, Result};
 use crate::lora::AdapterSet;
 use crate::toy::{
-    analyse, check_scene, leaks_reference, Analyser, Attribute, AttributeAccuracy, Scene, StyleKind,
+    analyse, check_scene, leaks_reference, Analyser, Attribute, AttributeAccuracy, Colour,
+    ObjectCheck, Scene, SceneCheck, StyleKind,
 };
 use crate::trainer::{PairSpec, PairTrainer, TrainConfig};
 
@@ -726,6 +728,16 @@ impl MethodReport {
 pub struct ModelQuality {
     /// Generated images' attributes against their prompts (held-out combinations).
     pub prompt_accuracy: AttributeAccuracy,
+    /// The same prompts, counting only the objects whose (shape, colour) combination is held out
+    /// (the first object of every prompt, and the second when it happens to be one too).
+    pub held_out_objects: AttributeAccuracy,
+    /// Held-out objects drawn in the wrong colour: (asked, detected or `None` when no object was
+    /// matched) with its count, most frequent first.
+    pub held_out_colour_errors: Vec<((Colour, Option<Colour>), u64)>,
+    /// Prompts new to the model but made only of combinations seen in training (fresh draws of
+    /// the training distribution), to tell generalisation to unseen combinations apart from
+    /// following the prompt at all.
+    pub seen_prompt_accuracy: AttributeAccuracy,
     /// Mean PSNR (dB) of VAE reconstructions of held-out scenes.
     pub vae_psnr_db: f64,
     /// Reconstructions whose analysed colours all match the scene's.
@@ -739,6 +751,8 @@ pub struct ModelQuality {
 pub struct ModelQualityBench {
     /// Held-out prompts (first object a held-out combination), one seed each.
     pub prompts: usize,
+    /// Prompts of seen combinations (the diagnostic [`ModelQuality::seen_prompt_accuracy`]).
+    pub seen_prompts: usize,
     /// Denoising steps.
     pub steps: usize,
     /// Classifier-free guidance scale.
@@ -754,6 +768,7 @@ impl Default for ModelQualityBench {
     fn default() -> Self {
         ModelQualityBench {
             prompts: 200,
+            seen_prompts: 200,
             steps: 25,
             cfg: 4.0,
             vae_scenes: 200,
@@ -772,6 +787,7 @@ pub fn run_model_quality(
 ) -> Result<ModelQuality> {
     let ModelQualityBench {
         prompts,
+        seen_prompts,
         steps,
         cfg,
         vae_scenes,
@@ -786,11 +802,28 @@ pub fn run_model_quality(
         ..MethodBench::quick()
     };
     let mut prompt_accuracy = AttributeAccuracy::default();
+    let mut held_out_objects = AttributeAccuracy::default();
+    let mut colour_errors: BTreeMap<(Colour, Option<Colour>), u64> = BTreeMap::new();
     let mut tiles = Vec::new();
     for i in 0..prompts {
         let scene = Scene::random_held_out(&mut rng);
         let img = generate(pipe, &b, &scene.caption(), rng.random(), &Guidance::Cfg)?;
-        prompt_accuracy.add(&check_scene(&scene, &analyse(&img)));
+        let check = check_scene(&scene, &analyse(&img));
+        prompt_accuracy.add(&check);
+        let held: Vec<ObjectCheck> = check
+            .objects
+            .iter()
+            .filter(|o| o.expected.is_held_out())
+            .cloned()
+            .collect();
+        for o in held.iter().filter(|o| !o.colour) {
+            let got = o.detected.as_ref().and_then(|d| d.colour);
+            *colour_errors.entry((o.expected.colour, got)).or_default() += 1;
+        }
+        held_out_objects.add(&SceneCheck {
+            objects: held,
+            ..check
+        });
         if tiles.len() < 64 {
             tiles.push(img);
         }
@@ -798,6 +831,28 @@ pub fn run_model_quality(
             progress(&format!("{} prompts: {prompt_accuracy}", i + 1));
         }
     }
+    // A separate stream, so the held-out prompts above stay the same whatever this count is.
+    let mut seen_rng = StdRng::seed_from_u64(seed ^ 0x5ee2);
+    let mut seen_prompt_accuracy = AttributeAccuracy::default();
+    for i in 0..seen_prompts {
+        let scene = Scene::random_train(&mut seen_rng);
+        let img = generate(
+            pipe,
+            &b,
+            &scene.caption(),
+            seen_rng.random(),
+            &Guidance::Cfg,
+        )?;
+        seen_prompt_accuracy.add(&check_scene(&scene, &analyse(&img)));
+        if (i + 1) % 20 == 0 {
+            progress(&format!(
+                "{} prompts of seen combinations: {seen_prompt_accuracy}",
+                i + 1
+            ));
+        }
+    }
+    let mut held_out_colour_errors: Vec<_> = colour_errors.into_iter().collect();
+    held_out_colour_errors.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut psnr_sum = 0.0;
     let mut colour_ok = 0usize;
     for _ in 0..vae_scenes {
@@ -836,6 +891,9 @@ pub fn run_model_quality(
     }
     Ok(ModelQuality {
         prompt_accuracy,
+        held_out_objects,
+        held_out_colour_errors,
+        seen_prompt_accuracy,
         vae_psnr_db: psnr_sum / vae_scenes.max(1) as f64,
         vae_colour_percent: 100.0 * colour_ok as f64 / vae_scenes.max(1) as f64,
         analyser_accuracy,

@@ -543,8 +543,10 @@ impl DaemonState {
         pipeline: &mut Option<Pipeline>,
         device: &str,
     ) -> DaemonResult<Option<String>> {
-        // Checked before loading anything, so a bad request fails at once.
-        g.check(&self.config.generate)?;
+        // Checked before loading anything, so a bad request fails at once (the model's
+        // recommended cfg only fills a default, which cannot make a request invalid;
+        // `generate::generate` resolves it with the loaded model).
+        g.check(&self.config.generate, None)?;
         let pipe = self.pipeline(pipeline, device)?;
         let out = self.output_path(job.id, &g.prompt);
         let mut library = self.library.clone();
@@ -807,7 +809,9 @@ impl DaemonState {
     /// Check a generation request and queue it (a seed is fixed now when none is given, so a
     /// job re-run after a crash renders the same image).
     fn submit_generation(&self, mut job: GenerateJob, priority: i32) -> DaemonResult<u64> {
-        job.check(&self.config.generate)?;
+        // The cfg stays unset in the job when the client gave none: the model's recommendation
+        // (`cfg = "auto"`) is applied when it renders.
+        job.check(&self.config.generate, None)?;
         for s in &job.styles {
             if !self.library.contains(&s.name) {
                 return Err(DaemonError::Lib(crate::Error::InvalidArgument(format!(

@@ -37,6 +37,22 @@ pub enum ModelFamily {
     Sdxl,
 }
 
+/// Name of the optional file in a model folder's root with pairstyle's sampling defaults for it.
+pub const DEFAULTS_FILE: &str = "pairstyle.json";
+
+/// Sampling settings a model folder recommends (its optional [`DEFAULTS_FILE`]), used where the
+/// configuration says `"auto"`. Diffusers folders have no such file; the embedded toy model has
+/// one because its best guidance scale (2) is far from Stable Diffusion's usual 7.5.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct ModelDefaults {
+    /// Classifier-free guidance scale.
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    /// How the values were chosen (free text, for people).
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
 /// A diffusers-layout model folder.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
@@ -58,6 +74,24 @@ impl ModelDir {
     /// The folder this model lives in.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The folder's recommended sampling settings: empty when it has no [`DEFAULTS_FILE`]; an
+    /// error when the file is unreadable, not JSON, or holds a guidance scale that is not a
+    /// finite number ≥ 0.
+    pub fn defaults(&self) -> Result<ModelDefaults> {
+        let path = self.root.join(DEFAULTS_FILE);
+        if !path.exists() {
+            return Ok(ModelDefaults::default());
+        }
+        let d: ModelDefaults = read_json(&path)?;
+        if let Some(g) = d.guidance_scale.filter(|g| !g.is_finite() || *g < 0.0) {
+            return Err(Error::config(
+                &path,
+                format!("guidance_scale must be a finite number ≥ 0 (got {g})"),
+            ));
+        }
+        Ok(d)
     }
 
     /// The pipeline class named in `model_index.json` (e.g. `StableDiffusionXLPipeline`).
@@ -202,4 +236,35 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = crate::error::read_to_string(path)?;
     serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_optional_checked_and_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("pairstyle-defaults-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model_index.json"), "{}").unwrap();
+        let m = ModelDir::open(&dir).unwrap();
+        assert_eq!(
+            m.defaults().unwrap(),
+            ModelDefaults::default(),
+            "no file: none"
+        );
+        let file = dir.join(DEFAULTS_FILE);
+        std::fs::write(&file, r#"{"guidance_scale": 2.0, "note": "chosen"}"#).unwrap();
+        assert_eq!(m.defaults().unwrap().guidance_scale, Some(2.0));
+        for bad in [
+            r#"{"guidance_scale": -1}"#,
+            r#"{"guidance_scale": "x"}"#,
+            "{half",
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            let e = m.defaults().unwrap_err().to_string();
+            assert!(e.contains(DEFAULTS_FILE), "{bad}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::model_dir::{ModelDir, ModelFamily, Variant};
+use super::model_dir::{ModelDefaults, ModelDir, ModelFamily, Variant};
 use super::nn::AdapterScales;
 use super::noise::NoiseSource;
 use super::scheduler::{make_sampler, SchedulerConfig, SchedulerKind};
@@ -87,6 +87,7 @@ struct Branches {
 /// A loaded model: text encoders, UNet, VAE and the scheduler config.
 pub struct Pipeline {
     model: ModelDir,
+    defaults: ModelDefaults,
     family: ModelFamily,
     text: PromptEncoder,
     unet: UNet,
@@ -149,12 +150,14 @@ impl Pipeline {
     /// Load every component of a diffusers folder.
     pub fn load(model: ModelDir, variant: Variant, dtype: DType, device: &Device) -> Result<Self> {
         let family = model.family()?;
+        let defaults = model.defaults()?;
         let scheduler = SchedulerConfig::from_model_dir(&model)?;
         let text = PromptEncoder::load(&model, dtype, device)?;
         let unet = UNet::load(&model, variant, dtype, device)?;
         let vae = Vae::load(&model, variant, dtype, device)?;
         Ok(Self {
             model,
+            defaults,
             family,
             text,
             unet,
@@ -168,6 +171,11 @@ impl Pipeline {
     /// The model folder.
     pub fn model(&self) -> &ModelDir {
         &self.model
+    }
+
+    /// The model folder's recommended sampling settings (read and checked at load).
+    pub fn defaults(&self) -> &ModelDefaults {
+        &self.defaults
     }
 
     /// The device the model runs on.

@@ -33,6 +33,7 @@ pub const FILES: &[(&str, &[u8])] = &[];
 #[cfg(feature = "embedded-model")]
 pub const FILES: &[(&str, &[u8])] = embedded_files!(
     "model_index.json",
+    "pairstyle.json",
     "training.json",
     "learning_curve.csv",
     "scheduler/scheduler_config.json",

@@ -948,6 +948,7 @@ fn on_generate_key(state: &mut AppState, key: KeyEvent) -> Vec<Command> {
         }
         KeyCode::Backspace | KeyCode::Delete => match field {
             Field::Seed => state.form.seed = None,
+            Field::Cfg => state.form.cfg = None,
             Field::Width => state.form.width = None,
             Field::Height => state.form.height = None,
             Field::Sampler => state.form.sampler = None,
@@ -1002,7 +1003,10 @@ fn adjust(state: &mut AppState, dir: i64) {
             })
         }
         Field::Steps => form.steps = (form.steps as i64 + dir).clamp(1, 1000) as usize,
-        Field::Cfg => form.cfg = (form.cfg + 0.5 * dir as f64).clamp(0.0, 30.0),
+        Field::Cfg => {
+            let from = form.cfg.unwrap_or(crate::config::FALLBACK_CFG);
+            form.cfg = Some((from + 0.5 * dir as f64).clamp(0.0, 30.0))
+        }
         Field::Width => form.width = size(form.width),
         Field::Height => form.height = size(form.height),
         Field::Sampler => form.step_sampler(dir),
@@ -1116,9 +1120,10 @@ fn commit_field(state: &mut AppState, text: &str) -> Result<(), String> {
             }
         }
         Field::Steps => form.steps = int("steps", 1, 1000)?,
+        Field::Cfg if t.is_empty() => form.cfg = None,
         Field::Cfg => match t.parse::<f64>() {
-            Ok(v) if v.is_finite() && (0.0..=30.0).contains(&v) => form.cfg = v,
-            _ => return Err("CFG must be a number from 0 to 30".into()),
+            Ok(v) if v.is_finite() && (0.0..=30.0).contains(&v) => form.cfg = Some(v),
+            _ => return Err("CFG must be a number from 0 to 30 (empty: auto)".into()),
         },
         Field::Width => form.width = size("width")?,
         Field::Height => form.height = size("height")?,

@@ -272,8 +272,9 @@ pub struct GenerateForm {
     pub seed: Option<u64>,
     /// Denoising steps.
     pub steps: usize,
-    /// Classifier-free guidance scale.
-    pub cfg: f64,
+    /// Classifier-free guidance scale; `None` is the daemon's `[generate] cfg` (`"auto"`: the
+    /// model's recommended scale).
+    pub cfg: Option<f64>,
     /// Width in pixels; `None` is the model's native size.
     pub width: Option<usize>,
     /// Height in pixels; `None` is the model's native size.
@@ -307,7 +308,7 @@ impl GenerateForm {
             negative: g.negative.clone(),
             seed: None,
             steps: g.steps.max(1),
-            cfg: g.cfg,
+            cfg: g.cfg.scale(),
             width: (g.width > 0).then_some(g.width),
             height: (g.height > 0).then_some(g.height),
             sampler: None,
@@ -342,7 +343,7 @@ impl GenerateForm {
                 .collect(),
             seed: self.seed,
             steps: Some(self.steps),
-            cfg: Some(self.cfg),
+            cfg: self.cfg,
             width: self.width,
             height: self.height,
             scheduler: self.sampler.clone(),
@@ -369,7 +370,7 @@ impl GenerateForm {
             Field::Negative => self.negative.clone(),
             Field::Seed => self.seed.map(|s| s.to_string()).unwrap_or_default(),
             Field::Steps => self.steps.to_string(),
-            Field::Cfg => format_number(self.cfg),
+            Field::Cfg => self.cfg.map(format_number).unwrap_or_default(),
             Field::Width => opt(self.width),
             Field::Height => opt(self.height),
             Field::Sampler => self.sampler.clone().unwrap_or_default(),

@@ -831,6 +831,10 @@ def cmd_export(args):
                      "transformers": transformers.__version__, "python": sys.version.split()[0]},
     }
     write_json_atomic(info, os.path.join(tmp, "training.json"))
+    if args.guidance_scale is not None:
+        # pairstyle's per-model sampling defaults, used where its config says cfg = "auto"
+        write_json_atomic({"guidance_scale": args.guidance_scale, "note": args.guidance_note or ""},
+                          os.path.join(tmp, "pairstyle.json"))
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -862,11 +866,15 @@ def main():
     p.add_argument("--prompt", action="append")
     p.add_argument("--count", type=int, default=16)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("export", help="write the diffusers folder")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="write pairstyle.json with this recommended CFG scale (choose it with "
+                   "`pairstyle bench toy-model --seed 1 --cfg C` on the export; see README)")
+    p.add_argument("--guidance-note", default=None, help="how the scale was chosen (pairstyle.json note)")
     args = ap.parse_args()
     if args.cmd == "prepare":
         args.data_train = args.data_train or os.path.join(args.work, "data-train")

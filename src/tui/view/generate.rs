@@ -36,7 +36,10 @@ pub fn field_value(form: &GenerateForm, field: Field) -> String {
         },
         Field::StyleFrom if form.style_from == 0 => "0: every step".into(),
         Field::StyleFrom => format!("{}: plain CFG before", form.style_from),
-        Field::Cfg => format_number(form.cfg),
+        Field::Cfg => form
+            .cfg
+            .map(format_number)
+            .unwrap_or_else(|| "auto (the model's)".into()),
         f => form.field_text(f),
     }
 }
