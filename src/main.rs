@@ -242,6 +242,9 @@ struct MethodBenchArgs {
     /// Training iterations per method (the style step starts after a quarter of them).
     #[arg(long)]
     iterations: Option<usize>,
+    /// Learning rate of every trained method.
+    #[arg(long)]
+    lr: Option<f64>,
     /// Classifier-free guidance scale (default: the model's recommended scale, else the
     /// benchmark's 4).
     #[arg(long)]
@@ -1047,6 +1050,9 @@ fn bench_method(config: &Config, a: MethodBenchArgs) -> Result<()> {
     if let Some(n) = a.iterations {
         b.train.iterations = n;
         b.train.style_start = n / 4;
+    }
+    if let Some(lr) = a.lr {
+        b.train.lr = lr;
     }
     if let Some(l) = a.lora_scale {
         b.lora_scale = l;
