@@ -627,16 +627,13 @@ fn generate(config: &Config, args: GenerateArgs) -> Result<()> {
     let path = model_path(config, args.model.as_deref())?;
     let model =
         ModelDir::open(&path).with_context(|| format!("opening model {}", path.display()))?;
-    let model_cfg = model
-        .defaults()
-        .with_context(|| format!("reading {}", path.display()))?
-        .guidance_scale;
-    let settings = request
-        .check(&config.generate, model_cfg)
-        .map_err(cli_error)?;
     let t0 = std::time::Instant::now();
     let mut pipe = Pipeline::load(model, config.model.variant, dtype, &device)
         .with_context(|| format!("loading model {}", path.display()))?;
+    // Again with the model's recommended guidance scale (its pairstyle.json, read at load).
+    let settings = request
+        .check(&config.generate, pipe.defaults().guidance_scale)
+        .map_err(cli_error)?;
     eprintln!(
         "loaded {} ({:?}) in {:.1} s",
         path.display(),
@@ -1165,9 +1162,9 @@ fn bench_toy_model(config: &Config, a: ToyModelBenchArgs) -> Result<()> {
         let errs: Vec<String> = r
             .held_out_colour_errors
             .iter()
-            .map(|((want, got), n)| match got {
-                Some(g) => format!("{want}→{g} {n}"),
-                None => format!("{want}→none {n}"),
+            .map(|((want, got), n)| {
+                let got = got.map_or_else(|| "none".to_string(), |g| g.to_string());
+                format!("{want}→{got} {n}")
             })
             .collect();
         println!(
