@@ -210,7 +210,18 @@ fn bench_method_quick_has_every_method() {
         1 + pairstyle::bench::quality::Method::ALL.len() * 2
     );
     let sheet = image::open(out.join("sheet.png")).unwrap();
-    // columns: the pair + one prompt per category; rows: base, ground truth, 5 methods
-    assert_eq!((sheet.width(), sheet.height()), (3 * 64, 7 * 64 + 4));
+    // columns: the pair + one prompt per category; rows: base, ground truth, the VAE floor,
+    // 5 methods
+    assert_eq!((sheet.width(), sheet.height()), (3 * 64, 8 * 64 + 4));
+    assert!(md.contains("| gap base − floor (points) |"), "{md}");
+    for m in ["single-image LoRA, LoRA scale", "pair, style guidance"] {
+        assert!(
+            md.lines()
+                .filter(|l| l.starts_with(&format!("| {m} |")))
+                .count()
+                == 4,
+            "{m}: two category rows, a per-style row and a gap row:\n{md}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
