@@ -411,6 +411,8 @@ trait Float: WithDType {
     fn exp_shift(row: &mut [Self], shift: Self);
     /// Natural logarithm.
     fn ln(self) -> Self;
+    /// `e^self` (for f32 the branch-free polynomial, so that loops over it vectorise).
+    fn exp(self) -> Self;
 }
 
 /// log2(e).
@@ -468,6 +470,11 @@ impl Float for f32 {
     fn ln(self) -> f32 {
         f32::ln(self)
     }
+
+    #[inline(always)]
+    fn exp(self) -> f32 {
+        exp_f32(self)
+    }
 }
 
 impl Float for f64 {
@@ -490,6 +497,11 @@ impl Float for f64 {
 
     fn ln(self) -> f64 {
         f64::ln(self)
+    }
+
+    #[inline(always)]
+    fn exp(self) -> f64 {
+        f64::exp(self)
     }
 }
 
@@ -548,6 +560,79 @@ fn pack_transposed<T: Float>(dims: AttnDims, x: View<T>) -> Vec<T> {
             }
         });
     packed
+}
+
+/// `x` [B, M, H·D] as [B·H, M, D] (each head's rows contiguous). Given to `gemm` as the
+/// right-hand side, a compact operand that it reads in place: with the heads read through the
+/// projections' strides it re-packed all of K and V for every block of queries, which was a
+/// third of the attention time at 4096 keys (`docs/perf.md`, 2026-12-05).
+fn pack_heads<T: Float>(dims: AttnDims, x: View<T>) -> Vec<T> {
+    let AttnDims { m, heads, d, .. } = dims;
+    let mut packed = vec![T::from_f64(0.0); dims.batch * heads * m * d];
+    packed
+        .par_chunks_mut(m * d)
+        .enumerate()
+        .for_each(|(bh, dst)| {
+            let (b, h) = (bh / heads, bh % heads);
+            for (j, row) in dst.chunks_exact_mut(d).enumerate() {
+                // SAFETY: b < B, j < M, h < H and feature < D lie inside the checked view.
+                let src = unsafe { x.at(b, j, h, d) };
+                for (f, y) in row.iter_mut().enumerate() {
+                    *y = unsafe { *src.offset(f as isize * x.col_stride()) };
+                }
+            }
+        });
+    packed
+}
+
+/// K and V of all heads as [B·H, M, D] ([`pack_heads`]), for heads wider than [`SMALL_HEAD`].
+#[derive(Debug, Clone, Copy)]
+struct HeadMajor<T> {
+    k: *const T,
+    v: *const T,
+}
+
+// SAFETY: read-only pointers into buffers that outlive the parallel sections.
+unsafe impl<T: Sync> Send for HeadMajor<T> {}
+unsafe impl<T: Sync> Sync for HeadMajor<T> {}
+
+impl<T> HeadMajor<T> {
+    /// Head `bh`'s K and V, each `m × d` row-major.
+    ///
+    /// # Safety
+    /// `bh` must be a head of the packed buffers.
+    unsafe fn head(&self, bh: usize, m: usize, d: usize) -> (*const T, *const T) {
+        (self.k.add(bh * m * d), self.v.add(bh * m * d))
+    }
+}
+
+/// The per-query (column) maximum of a score block held query-fastest (`s[j·rows + i]`).
+#[inline(always)]
+fn col_max<T: Float>(s: &[T], mx: &mut [T]) {
+    let rows = mx.len();
+    mx.copy_from_slice(&s[..rows]);
+    for col in s.chunks_exact(rows).skip(1) {
+        for (a, &x) in mx.iter_mut().zip(col) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+}
+
+/// `s[j·rows + i] ← exp(s[j·rows + i] − shift[i])`, adding each new value into `sums[i]` when
+/// given.
+#[inline(always)]
+fn col_exp<T: Float>(s: &mut [T], shift: &[T], mut sums: Option<&mut [T]>) {
+    let rows = shift.len();
+    for col in s.chunks_exact_mut(rows) {
+        for (x, &sh) in col.iter_mut().zip(shift) {
+            *x = (*x - sh).exp();
+        }
+        if let Some(sums) = sums.as_deref_mut() {
+            for (a, &x) in sums.iter_mut().zip(col.iter()) {
+                *a += x;
+            }
+        }
+    }
 }
 
 /// `y ← a·x` (first pass) or `y += a·x`.
@@ -636,6 +721,11 @@ fn forward<T: Float>(dims: AttnDims, q: View<T>, k: View<T>, v: View<T>) -> (Vec
         kt: kt.as_ptr(),
         vt: vt.as_ptr(),
     });
+    let wide = (dims.d > SMALL_HEAD).then(|| (pack_heads(dims, k), pack_heads(dims, v)));
+    let head_major = wide.as_ref().map(|(kh, vh)| HeadMajor {
+        k: kh.as_ptr(),
+        v: vh.as_ptr(),
+    });
     tasks
         .par_iter()
         .for_each_init(Vec::new, |scratch, &(bh, blk)| {
@@ -644,11 +734,10 @@ fn forward<T: Float>(dims: AttnDims, q: View<T>, k: View<T>, v: View<T>) -> (Vec
             let task = FwdTask {
                 dims,
                 q,
-                k,
-                v,
                 out: out_ptr,
                 lse: lse_ptr,
                 packed,
+                head_major,
                 bh,
                 i0,
                 i1,
@@ -672,12 +761,12 @@ fn forward<T: Float>(dims: AttnDims, q: View<T>, k: View<T>, v: View<T>) -> (Vec
 struct FwdTask<T> {
     dims: AttnDims,
     q: View<T>,
-    k: View<T>,
-    v: View<T>,
     out: OutPtr<T>,
     lse: OutPtr<T>,
     /// Transposed K and V, for the row-wise kernel (small heads).
     packed: Option<Packed<T>>,
+    /// Head-major K and V, for the block kernel (wider heads).
+    head_major: Option<HeadMajor<T>>,
     bh: usize,
     i0: usize,
     i1: usize,
@@ -726,47 +815,56 @@ impl<T: Float> FwdTask<T> {
             }
             return;
         }
+        let Some(head_major) = self.head_major else {
+            return;
+        };
+        // The score block is held query-fastest, `s[j·rows + i]` (column-major rows × M): the
+        // products then read K, V and the weights in place (no re-packing per block) and the
+        // softmax runs down the keys with all the block's queries in one vector.
+        let one = T::from_f64(1.0);
+        let (kh, vh) = head_major.head(self.bh, m, d);
         scratch.clear();
-        scratch.resize(rows * m, zero);
-        let s = scratch.as_mut_ptr();
-        let (q, k, v) = (self.q, self.k, self.v);
-        // S = scale·Q_blk·Kᵀ  (rows × M).
+        scratch.resize(rows * (m + d + 2), zero);
+        let (s_blk, rest) = scratch.split_at_mut(rows * m);
+        let (o_t, rest) = rest.split_at_mut(rows * d);
+        let (mx, sums) = rest.split_at_mut(rows);
+        let q = self.q;
+        // Sᵀ-layout scores: s[j·rows + i] = scale·q_i·k_j.
         matmul(
             (rows, m, d),
-            s,
-            (m as isize, 1),
+            s_blk.as_mut_ptr(),
+            (1, rows as isize),
             false,
             q.at(b, self.i0, h, d),
             (q.row_stride(), q.col_stride()),
-            k.at(b, 0, h, d),
-            (k.col_stride(), k.row_stride()),
+            kh,
+            (1, d as isize),
             T::from_f64(self.dims.scale()),
         );
-        // Unnormalised softmax weights and the row sums.
-        let mut inv_sums = Vec::with_capacity(rows);
-        for (r, row) in scratch.chunks_exact_mut(m).enumerate() {
-            let mx = row_max(row);
-            let sum = T::exp_shift_sum(row, mx);
-            *self.lse.0.add(self.bh * n + self.i0 + r) = mx + sum.ln();
-            inv_sums.push(T::from_f64(1.0) / sum);
+        // Unnormalised softmax weights, their sums and the log-sum-exp per query.
+        col_max(s_blk, mx);
+        col_exp(s_blk, mx, Some(sums));
+        for r in 0..rows {
+            *self.lse.0.add(self.bh * n + self.i0 + r) = mx[r] + sums[r].ln();
+            sums[r] = one / sums[r];
         }
-        // O_blk = E·V, then each row divided by its sum.
-        let o = self.out.0.add(b * n * c + self.i0 * c + h * d);
+        // Oᵀ-layout output block o_t[f·rows + i] = Σ_j e_ij·v_jf, then each row divided by its
+        // sum on the way into the output.
         matmul(
             (rows, d, m),
-            o,
-            (c as isize, 1),
+            o_t.as_mut_ptr(),
+            (1, rows as isize),
             false,
-            scratch.as_ptr(),
-            (m as isize, 1),
-            v.at(b, 0, h, d),
-            (v.row_stride(), v.col_stride()),
-            T::from_f64(1.0),
+            s_blk.as_ptr(),
+            (1, rows as isize),
+            vh,
+            (d as isize, 1),
+            one,
         );
-        for (r, &inv) in inv_sums.iter().enumerate() {
-            let row = o.add(r * c);
-            for j in 0..d {
-                *row.add(j) *= inv;
+        for (r, &inv) in sums.iter().enumerate() {
+            let row = self.out.0.add(b * n * c + (self.i0 + r) * c + h * d);
+            for f in 0..d {
+                *row.add(f) = o_t[f * rows + r] * inv;
             }
         }
     }
@@ -1141,10 +1239,29 @@ mod tests {
         assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
     }
 
+    /// Shapes that reach both kernels: heads of width ≤ `SMALL_HEAD` (row-wise) and wider ones
+    /// (block kernel), the latter with several query blocks and a ragged last one
+    /// (1100 keys give blocks of 119 rows; 150 queries make 119 + 31).
+    const SHAPES: [(usize, usize, usize, usize, usize); 2] =
+        [(2, 37, 19, 3, 5), (2, 150, 1100, 2, 24)];
+
     #[test]
     fn forward_matches_composed_and_strided_inputs_work() {
-        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
-            let (b, n, m, heads, d) = (2, 37, 19, 3, 5);
+        for ((dtype, tol), (b, n, m, heads, d)) in [(DType::F32, 1e-5), (DType::F64, 1e-12)]
+            .into_iter()
+            .flat_map(|t| SHAPES.into_iter().map(move |s| (t, s)))
+        {
+            let dims = AttnDims::new(
+                &[b, n, heads * d],
+                &[b, m, heads * d],
+                &[b, m, heads * d],
+                heads,
+            )
+            .expect("dims");
+            assert!(
+                d <= SMALL_HEAD || dims.block_rows() < n,
+                "one query block only"
+            );
             let q = randn(&[b, n, heads * d], 1, dtype);
             let k = randn(&[b, m, heads * d], 2, dtype);
             let v = randn(&[b, m, heads * d], 3, dtype);
@@ -1152,7 +1269,7 @@ mod tests {
             let reference =
                 crate::engine::nn::attention_composed(&q, &k, &v, heads, false).expect("composed");
             let err = max_rel(&ours, &reference);
-            assert!(err < tol, "{dtype:?}: relative error {err}");
+            assert!(err < tol, "{dtype:?} d{d}: relative error {err}");
             // Keys given as a transposed view: same result.
             let kt = randn(&[b, heads * d, m], 2, dtype)
                 .transpose(1, 2)
@@ -1161,48 +1278,53 @@ mod tests {
             let reference =
                 crate::engine::nn::attention_composed(&q, &kt, &v, heads, false).expect("composed");
             let err = max_rel(&ours, &reference);
-            assert!(err < tol, "{dtype:?} strided: relative error {err}");
+            assert!(err < tol, "{dtype:?} d{d} strided: relative error {err}");
         }
     }
 
     #[test]
     fn gradients_match_composed_in_f64() {
-        let (b, n, m, heads, d) = (2, 45, 30, 2, 3);
-        let q = Var::from_tensor(&randn(&[b, n, heads * d], 4, DType::F64)).expect("q");
-        let k = Var::from_tensor(&randn(&[b, m, heads * d], 5, DType::F64)).expect("k");
-        let v = Var::from_tensor(&randn(&[b, m, heads * d], 6, DType::F64)).expect("v");
-        let w = randn(&[b, n, heads * d], 7, DType::F64);
-        let loss = |out: Tensor| out.mul(&w).and_then(|t| t.sum_all()).expect("loss");
-        let g_ours = loss(fused_attention(&q, &k, &v, heads).expect("fused"))
+        for (b, n, m, heads, d) in [(2, 45, 30, 2, 3), (1, 150, 1100, 2, 24)] {
+            let q = Var::from_tensor(&randn(&[b, n, heads * d], 4, DType::F64)).expect("q");
+            let k = Var::from_tensor(&randn(&[b, m, heads * d], 5, DType::F64)).expect("k");
+            let v = Var::from_tensor(&randn(&[b, m, heads * d], 6, DType::F64)).expect("v");
+            let w = randn(&[b, n, heads * d], 7, DType::F64);
+            let loss = |out: Tensor| out.mul(&w).and_then(|t| t.sum_all()).expect("loss");
+            let g_ours = loss(fused_attention(&q, &k, &v, heads).expect("fused"))
+                .backward()
+                .expect("backward");
+            let g_ref = loss(
+                crate::engine::nn::attention_composed(&q, &k, &v, heads, false).expect("composed"),
+            )
             .backward()
             .expect("backward");
-        let g_ref = loss(
-            crate::engine::nn::attention_composed(&q, &k, &v, heads, false).expect("composed"),
-        )
-        .backward()
-        .expect("backward");
-        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-            let a = g_ours.get(var.as_tensor()).expect("ours");
-            let r = g_ref.get(var.as_tensor()).expect("reference");
-            let err = max_rel(a, r);
-            assert!(err < 1e-10, "d{name}: relative error {err}");
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let a = g_ours.get(var.as_tensor()).expect("ours");
+                let r = g_ref.get(var.as_tensor()).expect("reference");
+                let err = max_rel(a, r);
+                assert!(
+                    err < 1e-10,
+                    "d{name} (head width {d}): relative error {err}"
+                );
+            }
         }
     }
 
     #[test]
     fn only_tracked_inputs_get_gradients() {
-        let (b, n, m, heads, d) = (1, 9, 7, 2, 2);
-        let q = Var::from_tensor(&randn(&[b, n, heads * d], 8, DType::F64)).expect("q");
-        let k = randn(&[b, m, heads * d], 9, DType::F64);
-        let v = randn(&[b, m, heads * d], 10, DType::F64);
-        let grads = fused_attention(&q, &k, &v, heads)
-            .and_then(|t| Ok(t.sum_all()?))
-            .expect("forward")
-            .backward()
-            .expect("backward");
-        assert!(grads.get(q.as_tensor()).is_some());
-        assert!(grads.get(&k).is_none());
-        assert!(grads.get(&v).is_none());
+        for (b, n, m, heads, d) in [(1, 9, 7, 2, 2), (1, 9, 7, 2, 20)] {
+            let q = Var::from_tensor(&randn(&[b, n, heads * d], 8, DType::F64)).expect("q");
+            let k = randn(&[b, m, heads * d], 9, DType::F64);
+            let v = randn(&[b, m, heads * d], 10, DType::F64);
+            let grads = fused_attention(&q, &k, &v, heads)
+                .and_then(|t| Ok(t.sum_all()?))
+                .expect("forward")
+                .backward()
+                .expect("backward");
+            assert!(grads.get(q.as_tensor()).is_some());
+            assert!(grads.get(&k).is_none());
+            assert!(grads.get(&v).is_none());
+        }
     }
 
     #[test]
