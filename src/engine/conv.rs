@@ -25,6 +25,9 @@
 //! forward is used on untracked inputs (inference, or inside
 //! [`frozen_conv2d`](crate::engine::frozen::frozen_conv2d), which supplies the backward).
 
+use std::cell::RefCell;
+use std::thread::LocalKey;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use gemm::{gemm, Parallelism};
@@ -244,6 +247,59 @@ impl Geometry {
     }
 }
 
+/// Column matrices up to this many bytes are kept for the next convolution on the same thread
+/// (94 MB is the largest of an SD1.5 step at a 64×64 latent); larger ones are freed after use.
+const SCRATCH_KEEP_BYTES: usize = 128 << 20;
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The float types the ops run on, each with its own per-thread column-matrix buffer.
+///
+/// The column matrix of a 64×64 convolution is 47–94 MB: above glibc's mmap threshold, so a fresh
+/// `vec!` per call maps new pages that the kernel zeroes on first touch (8–14 % of a sampling
+/// step in `perf`, `docs/perf.md`). Reusing one buffer per thread skips both the mapping and the
+/// zeroing: every user overwrites all of it (im2col writes every entry, padding included; the
+/// GEMM into it does not read its destination).
+trait ConvFloat: WithDType {
+    fn scratch() -> &'static LocalKey<RefCell<Vec<Self>>>;
+}
+
+impl ConvFloat for f32 {
+    fn scratch() -> &'static LocalKey<RefCell<Vec<Self>>> {
+        &SCRATCH_F32
+    }
+}
+
+impl ConvFloat for f64 {
+    fn scratch() -> &'static LocalKey<RefCell<Vec<Self>>> {
+        &SCRATCH_F64
+    }
+}
+
+/// Run `f` on a buffer of `len` elements with arbitrary contents (`f` must overwrite what it
+/// reads), taken from this thread's scratch and given back after unless it is very large.
+fn with_scratch<T: ConvFloat, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    let mut buf = T::scratch().with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if buf.len() < len {
+        // Grow by replacing: the old contents need no copy.
+        buf = vec![T::zero(); len];
+    }
+    let result = f(&mut buf[..len]);
+    if buf.len() * std::mem::size_of::<T>() <= SCRATCH_KEEP_BYTES {
+        T::scratch().with(|s| {
+            let mut slot = s.borrow_mut();
+            // A nested call may have put a buffer back meanwhile: keep the larger.
+            if slot.len() < buf.len() {
+                *slot = buf;
+            }
+        });
+    }
+    result
+}
+
 /// A row-major matrix view for [`matmul`]: pointer, rows, columns, row and column strides.
 struct Mat<T> {
     ptr: *const T,
@@ -327,7 +383,7 @@ trait PerSampleOp {
     const NAME: &'static str;
 
     /// The result for `batch` samples of `data`, all contiguous.
-    fn run<T: WithDType>(
+    fn run<T: ConvFloat>(
         &self,
         data: &[T],
         batch: usize,
@@ -383,7 +439,7 @@ impl PerSampleOp for ConvForward {
         Shape::from((batch, self.c_out, g.out_h, g.out_w))
     }
 
-    fn run<T: WithDType>(&self, x: &[T], b: usize, kernel: &[T]) -> candle_core::Result<Vec<T>> {
+    fn run<T: ConvFloat>(&self, x: &[T], b: usize, kernel: &[T]) -> candle_core::Result<Vec<T>> {
         let g = &self.geometry;
         let (c_out, out_len) = (self.c_out, self.c_out * g.out_pixels());
         let mut out = vec![T::zero(); b * out_len];
@@ -391,27 +447,29 @@ impl PerSampleOp for ConvForward {
             Some(bias) => Some(bias.to_vec1::<T>()?),
             None => None,
         };
-        let mut cols = if g.is_pointwise() {
-            Vec::new()
+        let cols_len = if g.is_pointwise() {
+            0
         } else {
-            vec![T::zero(); g.patch() * g.out_pixels()]
+            g.patch() * g.out_pixels()
         };
-        for (i, y) in out.chunks_mut(out_len).enumerate() {
-            if let Some(bias) = &bias {
-                for (row, &v) in y.chunks_mut(g.out_pixels()).zip(bias) {
-                    row.fill(v);
+        with_scratch(cols_len, |cols: &mut [T]| {
+            for (i, y) in out.chunks_mut(out_len).enumerate() {
+                if let Some(bias) = &bias {
+                    for (row, &v) in y.chunks_mut(g.out_pixels()).zip(bias) {
+                        row.fill(v);
+                    }
                 }
+                let sample = &x[i * g.c_in * g.in_pixels()..][..g.c_in * g.in_pixels()];
+                let rhs = if g.is_pointwise() {
+                    Mat::row_major(sample, g.c_in, g.in_pixels())
+                } else {
+                    g.im2col(sample, cols);
+                    Mat::row_major(cols, g.patch(), g.out_pixels())
+                };
+                let lhs = Mat::row_major(kernel, c_out, g.patch());
+                matmul(y, bias.is_some(), lhs, rhs);
             }
-            let sample = &x[i * g.c_in * g.in_pixels()..][..g.c_in * g.in_pixels()];
-            let rhs = if g.is_pointwise() {
-                Mat::row_major(sample, g.c_in, g.in_pixels())
-            } else {
-                g.im2col(sample, &mut cols);
-                Mat::row_major(&cols, g.patch(), g.out_pixels())
-            };
-            let lhs = Mat::row_major(kernel, c_out, g.patch());
-            matmul(y, bias.is_some(), lhs, rhs);
-        }
+        });
         Ok(out)
     }
 }
@@ -446,26 +504,29 @@ impl PerSampleOp for ConvInputGrad {
         Shape::from((batch, g.c_in, g.h, g.w))
     }
 
-    fn run<T: WithDType>(&self, grad: &[T], b: usize, kernel: &[T]) -> candle_core::Result<Vec<T>> {
+    fn run<T: ConvFloat>(&self, grad: &[T], b: usize, kernel: &[T]) -> candle_core::Result<Vec<T>> {
         let g = &self.geometry;
         let in_len = g.c_in * g.in_pixels();
         let mut dx = vec![T::zero(); b * in_len];
-        let mut cols = if g.is_pointwise() {
-            Vec::new()
+        let cols_len = if g.is_pointwise() {
+            0
         } else {
-            vec![T::zero(); g.patch() * g.out_pixels()]
+            g.patch() * g.out_pixels()
         };
-        for (i, dx) in dx.chunks_mut(in_len).enumerate() {
-            let gi = &grad[i * self.c_out * g.out_pixels()..][..self.c_out * g.out_pixels()];
-            let lhs = Mat::row_major(kernel, self.c_out, g.patch()).transposed();
-            let rhs = Mat::row_major(gi, self.c_out, g.out_pixels());
-            if g.is_pointwise() {
-                matmul(dx, false, lhs, rhs);
-            } else {
-                matmul(&mut cols, false, lhs, rhs);
-                g.col2im(&cols, dx);
+        with_scratch(cols_len, |cols: &mut [T]| {
+            for (i, dx) in dx.chunks_mut(in_len).enumerate() {
+                let gi = &grad[i * self.c_out * g.out_pixels()..][..self.c_out * g.out_pixels()];
+                let lhs = Mat::row_major(kernel, self.c_out, g.patch()).transposed();
+                let rhs = Mat::row_major(gi, self.c_out, g.out_pixels());
+                if g.is_pointwise() {
+                    matmul(dx, false, lhs, rhs);
+                } else {
+                    // Overwrites all of `cols` (the GEMM does not read its destination).
+                    matmul(cols, false, lhs, rhs);
+                    g.col2im(cols, dx);
+                }
             }
-        }
+        });
         Ok(dx)
     }
 }
@@ -539,6 +600,48 @@ mod tests {
             let diff = (ours - &stock).unwrap().abs().unwrap().max_all().unwrap();
             let diff = diff.to_scalar::<f64>().unwrap();
             assert!(diff < 1e-12, "[{b},{ci},{h},{w}] k{k} s{s} p{p}: {diff:e}");
+        }
+    }
+
+    /// The reused column buffer may hold anything: poisoned with NaN (and bigger than needed),
+    /// both ops still give candle's values, so every entry they read was written first.
+    #[test]
+    fn stale_scratch_contents_never_leak_into_results() {
+        let dev = Device::Cpu;
+        // Sizes where candle's own strided backward needs no output padding (its reference).
+        for (b, ci, co, h, w, k, s, p) in [
+            (2, 3, 5, 7, 9, 3, 1, 1),
+            (1, 4, 2, 9, 9, 3, 2, 1),
+            (2, 2, 2, 7, 7, 5, 2, 2),
+            (1, 2, 3, 4, 4, 3, 1, 0),
+        ] {
+            SCRATCH_F64.with(|sc| *sc.borrow_mut() = vec![f64::NAN; 4096]);
+            let x = Tensor::randn(0f64, 1., (b, ci, h, w), &dev).unwrap();
+            let kern = Tensor::randn(0f64, 1., (co, ci, k, k), &dev).unwrap();
+            let ours = conv2d(&x, &kern, None, p, s).unwrap();
+            let xv = candle_core::Var::from_tensor(&x).unwrap();
+            let stock = xv.as_tensor().conv2d(&kern, p, s, 1, 1).unwrap();
+            let diff = (&ours - &stock).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                diff.to_scalar::<f64>().unwrap() < 1e-12,
+                "forward k{k} s{s} p{p}"
+            );
+
+            SCRATCH_F64.with(|sc| *sc.borrow_mut() = vec![f64::NAN; 4096]);
+            let g = Tensor::randn(0f64, 1., stock.dims(), &dev).unwrap();
+            let grads = (&stock * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let want = grads.get(xv.as_tensor()).unwrap();
+            let dx = conv2d_input_grad((b, ci, h, w), &g, &kern, p, s).unwrap();
+            let diff = (&dx - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                diff.to_scalar::<f64>().unwrap() < 1e-12,
+                "input grad k{k} s{s} p{p}"
+            );
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod attention_blockwise;
 pub mod conv;
 pub mod device;
+pub(crate) mod fastmath;
 pub mod frozen;
 pub mod image_io;
 pub mod model_dir;

@@ -231,8 +231,7 @@ impl AdaptableLinear {
         let batch = x.dim(0)?;
         for (name, ad) in &self.adapters {
             let Some(s) = scales.get(name) else { continue };
-            let tracked =
-                x.track_op() || s.track_op() || ad.down.track_op() || ad.up.track_op();
+            let tracked = x.track_op() || s.track_op() || ad.down.track_op() || ad.up.track_op();
             if let Some(mask) = scales.nonzero_samples(name) {
                 if !tracked && mask.len() == batch && mask.contains(&false) {
                     if !y.is_contiguous() {
@@ -373,6 +372,23 @@ impl GroupNorm {
             return fused_norm(x, &self.weight, &self.bias, segments, self.eps);
         }
         self.forward_composed(x)
+    }
+
+    /// `silu(self.forward(x))`, the norm-then-activation of resnet blocks: on the fused CPU
+    /// kernel and with nothing tracking gradients, the activation runs inside the norm's pass
+    /// ([`norm::normalize_silu`]).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if norm::supported(x) {
+            let segments = norm::Segments::group_norm(x.dims(), self.groups)?;
+            return Ok(norm::normalize_silu(
+                x,
+                &self.weight,
+                &self.bias,
+                segments,
+                self.eps,
+            )?);
+        }
+        silu(&self.forward_composed(x)?)
     }
 
     /// The group norm composed from candle ops (half precision, GPUs; the reference the fused

@@ -20,6 +20,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::engine::fastmath::{exp_f32, Simd};
+
 /// Whether [`normalize`] runs the fused kernel for `x` (f32 or f64 on the CPU).
 pub fn supported(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -96,6 +98,55 @@ pub fn normalize(
     segments: Segments,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
+    let (x, weight, bias) = norm_operands(x, weight, bias, segments)?;
+    x.apply_op3(
+        &weight,
+        &bias,
+        FusedNorm {
+            segments,
+            eps,
+            silu: false,
+            stats: Mutex::new(None),
+        },
+    )
+}
+
+/// `silu(normalize(x, weight, bias, segments, eps))`, the norm-then-activation of every UNet
+/// resnet block. When nothing tracks gradients (inference) the activation is applied in the
+/// norm's own pass over each segment (while it is in cache) instead of in a second,
+/// single-threaded pass over the whole tensor; otherwise the two ops are composed, so that
+/// gradients flow as through [`normalize`].
+pub fn normalize_silu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    segments: Segments,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    if x.track_op() || weight.track_op() || bias.track_op() {
+        return candle_nn::ops::silu(&normalize(x, weight, bias, segments, eps)?);
+    }
+    let (x, weight, bias) = norm_operands(x, weight, bias, segments)?;
+    x.apply_op3_no_bwd(
+        &weight,
+        &bias,
+        &FusedNorm {
+            segments,
+            eps,
+            silu: true,
+            stats: Mutex::new(None),
+        },
+    )
+}
+
+/// Checked, contiguous operands of the fused norm: `x` and the flattened affine parameters in
+/// its dtype.
+fn norm_operands(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    segments: Segments,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     if segments.count * segments.len() != x.elem_count() {
         candle_core::bail!("norm: {segments:?} does not cover {:?}", x.dims());
     }
@@ -108,17 +159,50 @@ pub fn normalize(
         );
     }
     let dtype = x.dtype();
-    let weight = weight.to_dtype(dtype)?.flatten_all()?;
-    let bias = bias.to_dtype(dtype)?.flatten_all()?;
-    x.contiguous()?.apply_op3(
-        &weight,
-        &bias,
-        FusedNorm {
-            segments,
-            eps,
-            stats: Mutex::new(None),
-        },
-    )
+    Ok((
+        x.contiguous()?,
+        weight.to_dtype(dtype)?.flatten_all()?,
+        bias.to_dtype(dtype)?.flatten_all()?,
+    ))
+}
+
+/// The element types of the fused norms (f32, f64), with the activation they can fuse.
+trait NormFloat: WithDType {
+    /// `x ← x·σ(x)` (SiLU) on every element.
+    fn silu_in_place(xs: &mut [Self]);
+}
+
+impl NormFloat for f32 {
+    #[inline(always)]
+    fn silu_in_place(xs: &mut [f32]) {
+        for x in xs {
+            *x /= 1.0 + exp_f32(-*x);
+        }
+    }
+}
+
+impl NormFloat for f64 {
+    #[inline(always)]
+    fn silu_in_place(xs: &mut [f64]) {
+        for x in xs {
+            *x /= 1.0 + (-*x).exp();
+        }
+    }
+}
+
+/// `Σ f(x)` over `xs` in f64, with eight partial sums so that the loop vectorises (a single
+/// running f64 sum is bound by the add latency: the statistics passes were 5× PyTorch's norm).
+#[inline(always)]
+fn lane_sum<T: WithDType>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            acc[l] += f(c[l].to_f64());
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|v| f(v.to_f64())).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Per-segment mean and 1/σ, in f64.
@@ -132,6 +216,8 @@ struct Stats {
 struct FusedNorm {
     segments: Segments,
     eps: f64,
+    /// Apply SiLU to the output (inference only: the op then has no backward).
+    silu: bool,
     stats: Mutex<Option<Stats>>,
 }
 
@@ -141,43 +227,95 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result
 }
 
 impl FusedNorm {
-    fn forward<T: WithDType>(&self, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Stats) {
+    fn forward<T: NormFloat>(&self, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Stats) {
         let seg = self.segments;
         let n = seg.len();
         let mut y = vec![T::zero(); x.len()];
         let mut mean = vec![0f64; seg.count];
         let mut rstd = vec![0f64; seg.count];
+        let simd = Simd::detect();
         y.par_chunks_mut(n.max(1))
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .enumerate()
             .for_each(|(s, (ys, (m, r)))| {
                 let xs = &x[s * n..][..n];
-                let mu = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n as f64;
-                let var = xs
-                    .iter()
-                    .map(|v| {
-                        let d = v.to_f64() - mu;
-                        d * d
-                    })
-                    .sum::<f64>()
-                    / n as f64;
-                let inv = 1.0 / (var + self.eps).sqrt();
-                (*m, *r) = (mu, inv);
-                let base = (s % seg.groups) * seg.per_group;
-                for (c, (yc, xc)) in ys
-                    .chunks_mut(seg.spatial)
-                    .zip(xs.chunks(seg.spatial))
-                    .enumerate()
-                {
-                    // y = x·a + k with a = w/σ and k = b − μ·w/σ for this channel.
-                    let a = w[base + c].to_f64() * inv;
-                    let k = b[base + c].to_f64() - mu * a;
-                    for (yv, xv) in yc.iter_mut().zip(xc) {
-                        *yv = T::from_f64(xv.to_f64() * a + k);
+                // SAFETY: each build runs only where `Simd::detect` found its features.
+                (*m, *r) = unsafe {
+                    match simd {
+                        #[cfg(target_arch = "x86_64")]
+                        Simd::Avx512 => self.segment_avx512(s, xs, ys, w, b),
+                        #[cfg(target_arch = "x86_64")]
+                        Simd::Avx2Fma => self.segment_avx2(s, xs, ys, w, b),
+                        _ => self.segment(s, xs, ys, w, b),
                     }
-                }
+                };
             });
         (y, Stats { mean, rstd })
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F/VL/BW/DQ, AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    unsafe fn segment_avx512<T: NormFloat>(
+        &self,
+        s: usize,
+        xs: &[T],
+        ys: &mut [T],
+        w: &[T],
+        b: &[T],
+    ) -> (f64, f64) {
+        self.segment(s, xs, ys, w, b)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn segment_avx2<T: NormFloat>(
+        &self,
+        s: usize,
+        xs: &[T],
+        ys: &mut [T],
+        w: &[T],
+        b: &[T],
+    ) -> (f64, f64) {
+        self.segment(s, xs, ys, w, b)
+    }
+
+    /// Segment `s`: its mean and 1/σ (returned), then `ys` = the normalised, scaled and shifted
+    /// `xs` (and SiLU of it when asked), one channel at a time while the segment is in cache.
+    #[inline(always)]
+    fn segment<T: NormFloat>(
+        &self,
+        s: usize,
+        xs: &[T],
+        ys: &mut [T],
+        w: &[T],
+        b: &[T],
+    ) -> (f64, f64) {
+        let seg = self.segments;
+        let n = xs.len().max(1) as f64;
+        let mu = lane_sum(xs, |v| v) / n;
+        let var = lane_sum(xs, |v| (v - mu) * (v - mu)) / n;
+        let inv = 1.0 / (var + self.eps).sqrt();
+        let base = (s % seg.groups) * seg.per_group;
+        for (c, (yc, xc)) in ys
+            .chunks_mut(seg.spatial.max(1))
+            .zip(xs.chunks(seg.spatial.max(1)))
+            .enumerate()
+        {
+            // y = x·a + k with a = w/σ and k = b − μ·w/σ for this channel.
+            let a = w[base + c].to_f64() * inv;
+            let k = b[base + c].to_f64() - mu * a;
+            for (yv, xv) in yc.iter_mut().zip(xc) {
+                *yv = T::from_f64(xv.to_f64() * a + k);
+            }
+            if self.silu {
+                T::silu_in_place(yc);
+            }
+        }
+        (mu, inv)
     }
 }
 
@@ -264,6 +402,28 @@ impl CustomOp3 for FusedNorm {
     }
 }
 
+/// `(Σ g, Σ g·(x − mu))` over one channel in f64, with eight partial sums of each (see
+/// [`lane_sum`]).
+#[inline(always)]
+fn lane_sums_g_gx<T: WithDType>(xs: &[T], gs: &[T], mu: f64) -> (f64, f64) {
+    let (mut sg, mut sgx) = ([0f64; 8], [0f64; 8]);
+    let mut xc = xs.chunks_exact(8);
+    let mut gc = gs.chunks_exact(8);
+    for (x, g) in (&mut xc).zip(&mut gc) {
+        for l in 0..8 {
+            let gv = g[l].to_f64();
+            sg[l] += gv;
+            sgx[l] += gv * (x[l].to_f64() - mu);
+        }
+    }
+    let (mut tg, mut tgx) = (0f64, 0f64);
+    for (x, g) in xc.remainder().iter().zip(gc.remainder()) {
+        tg += g.to_f64();
+        tgx += g.to_f64() * (x.to_f64() - mu);
+    }
+    (sg.iter().sum::<f64>() + tg, sgx.iter().sum::<f64>() + tgx)
+}
+
 /// The input-gradient kernel: `(x, dy, w) → dx` with the forward's statistics.
 struct NormInputGrad {
     segments: Segments,
@@ -290,12 +450,7 @@ impl NormInputGrad {
                     .enumerate()
                 {
                     let wc = w[base + c].to_f64();
-                    let (mut sg, mut sgx) = (0f64, 0f64);
-                    for (xv, gv) in xc.iter().zip(gc) {
-                        let g = gv.to_f64();
-                        sg += g;
-                        sgx += g * (xv.to_f64() - mu);
-                    }
+                    let (sg, sgx) = lane_sums_g_gx(xc, gc, mu);
                     sum_g += wc * sg;
                     sum_gx += wc * sgx * inv;
                 }

@@ -16,7 +16,7 @@ pub use self::config::{UNetConfig, UNetConfigFile};
 use self::embeddings::{timestep_features, TimestepEmbedding};
 use self::transformer::Attention;
 use super::model_dir::{ModelDir, Variant};
-use super::nn::{silu, AdaptableLinear, AdapterScales, Conv2d, GroupNorm};
+use super::nn::{AdaptableLinear, AdapterScales, Conv2d, GroupNorm};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -212,7 +212,7 @@ impl UNet {
         for block in &self.up_blocks {
             h = block.forward(&h, &temb, context, scales, &mut skips)?;
         }
-        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 

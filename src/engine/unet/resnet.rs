@@ -55,11 +55,11 @@ impl ResnetBlock {
 
     /// Apply to `x` [B, C, H, W] with the activated-later time embedding `temb` [B, T].
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time_emb_proj.forward(&silu(temb)?)?;
         let (b, c) = t.dims2()?;
         let h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
