@@ -1389,6 +1389,11 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
     let rows = pairstyle::bench::run_perf_bench(&mut unet, &b, &device)?;
     let table = pairstyle::bench::perf_table(&rows, peak, device_baseline_mib.is_some());
     print!("{table}");
+    println!();
+    print!(
+        "{}",
+        pairstyle::bench::memory_table(&rows, device_baseline_mib.is_some())
+    );
     if let Some(reference) = reference {
         let ours =
             compare::parse_report(&format!("{} {peak} GFLOP/s\n{table}", compare::PEAK_PREFIX))

@@ -61,12 +61,27 @@ fn perf_table_has_every_column_with_positive_numbers() {
     // Cost grows with the work: 4 branches need more than 2, training more than a forward.
     let g: Vec<f64> = report.rows.iter().filter_map(|r| r.gflop).collect();
     assert!(g[2] > g[1] && g[0] > g[1] / 2.0, "{g:?}");
-    let rows = stdout
-        .lines()
-        .filter(|l| l.starts_with("| training") || l.starts_with("| sampling"));
-    for line in rows {
+    // The perf table comes first; the memory detail table after it repeats each case.
+    let (perf, memory) = stdout
+        .split_once("| case (memory detail) |")
+        .expect("memory detail table follows the perf table");
+    let is_case = |l: &&str| l.starts_with("| training") || l.starts_with("| sampling");
+    for line in perf.lines().filter(is_case) {
         assert_eq!(line.matches('|').count(), 9, "8 columns: {line}");
         assert!(line.contains("| 8 |"), "latent column: {line}");
+    }
+    let memory_rows: Vec<&str> = memory.lines().filter(is_case).collect();
+    assert_eq!(memory_rows.len(), 3, "one memory row per case: {memory}");
+    for line in memory_rows {
+        let cells: Vec<f64> = line
+            .split('|')
+            .skip(2)
+            .filter_map(|c| c.trim().parse().ok())
+            .collect();
+        assert_eq!(cells.len(), 3, "start, peak, peak above start: {line}");
+        let (start, peak, above) = (cells[0], cells[1], cells[2]);
+        assert!(start > 0.0 && peak >= start - 1.0, "{line}");
+        assert!((peak - start - above).abs() <= 1.0, "{line}");
     }
 }
 

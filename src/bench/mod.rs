@@ -64,10 +64,20 @@ pub const SDXL_UNET_CONFIG: &str = r#"{
 
 /// Peak resident memory of this process in MiB (VmHWM), or NaN where /proc is unavailable.
 pub fn peak_rss_mib() -> f64 {
+    status_field_mib("VmHWM:")
+}
+
+/// Resident memory of this process now in MiB (VmRSS), or NaN where /proc is unavailable.
+pub fn rss_mib() -> f64 {
+    status_field_mib("VmRSS:")
+}
+
+/// A `/proc/self/status` field given in kB (`field` with its colon), in MiB; NaN if unreadable.
+fn status_field_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|v| v.parse::<f64>().ok())
@@ -151,6 +161,9 @@ pub struct BenchRow {
     pub median_s: f64,
     /// Peak RSS in MiB while running it (on a GPU: peak device memory above the baseline).
     pub peak_mib: f64,
+    /// RSS in MiB when the case started (weights, adapters and optimiser state already held;
+    /// on a GPU: device memory in use above the baseline), so that the peak's own share shows.
+    pub start_mib: f64,
     /// Latent side it ran at.
     pub latent: usize,
     /// FLOPs one repetition needs ([`flops`] convention).
@@ -204,12 +217,34 @@ pub fn perf_table(rows: &[BenchRow], peak_gflops: f64, on_device: bool) -> Strin
     out
 }
 
+/// The memory detail of each row, as the reference script prints it: what was in use when the
+/// case started and the peak above it (the case's own share). Kept apart from [`perf_table`],
+/// whose rows [`compare::parse_report`] reads.
+pub fn memory_table(rows: &[BenchRow], on_device: bool) -> String {
+    let unit = if on_device { "device " } else { "" };
+    let mut out = format!(
+        "| case (memory detail) | {unit}in use before case MiB | peak since reset MiB | \
+         peak above start MiB |\n|---|---|---|---|\n"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} |\n",
+            r.case,
+            r.start_mib,
+            r.peak_mib,
+            r.peak_mib - r.start_mib
+        ));
+    }
+    out
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-/// (median seconds, peak MiB) of `f` after one warm-up. The device is synchronised after each
+/// (median seconds, peak MiB, MiB in use at the start) of `f` after one warm-up. The device is
+/// synchronised after each
 /// call, so GPU work is inside the time. Memory: peak RSS on the CPU; on a GPU, peak device
 /// memory in use above `device_baseline_mib` ([`device_mem`]).
 fn timed(
@@ -217,7 +252,11 @@ fn timed(
     device_baseline_mib: Option<f64>,
     reps: usize,
     mut f: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
+    let start = match device_baseline_mib {
+        Some(base) => device_mem::in_use_mib(device).map_or(f64::NAN, |m| m - base),
+        None => rss_mib(),
+    };
     reset_peak_rss();
     let sampler = device_baseline_mib.and_then(|_| device_mem::PeakSampler::start(device));
     f()?; // warm-up
@@ -233,7 +272,7 @@ fn timed(
         (Some(s), Some(base)) => s.finish() - base,
         _ => peak_rss_mib(),
     };
-    Ok((median(times), mem))
+    Ok((median(times), mem, start))
 }
 
 /// Time one training iteration (content + style step with backward and AdamW; unless
@@ -320,7 +359,7 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
     let mut rows = Vec::new();
     if b.train {
         let needed = flops::training_iteration(unet.config(), b.latent, b.rank)?.total();
-        let (s, m) = timed(device, b.device_baseline_mib, b.reps, || {
+        let (s, m, start) = timed(device, b.device_baseline_mib, b.reps, || {
             train_iteration(
                 unet,
                 &schedule,
@@ -334,6 +373,7 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
             case: format!("training iteration (content + style step), rank {}", b.rank),
             median_s: s,
             peak_mib: m,
+            start_mib: start,
             latent: b.latent,
             flops: needed,
         });
@@ -359,7 +399,7 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
             scales.set(&format!("style{i}"), Tensor::new(v, device)?);
         }
         let needed = flops::sampling_step(unet.config(), b.sample_latent, n, b.rank)?.total();
-        let (s, m) = timed(device, b.device_baseline_mib, b.reps, || {
+        let (s, m, start) = timed(device, b.device_baseline_mib, b.reps, || {
             unet.forward(&x, &ts, &c.context, a.as_ref(), &scales)
                 .map(|_| ())
         })?;
@@ -372,6 +412,7 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
             case,
             median_s: s,
             peak_mib: m,
+            start_mib: start,
             latent: b.sample_latent,
             flops: needed,
         });

@@ -592,6 +592,14 @@ mod tests {
         );
     }
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap()
+    }
+
     fn adapter(seed: u64, dev: &Device) -> LowRankAdapter {
         let w = Weights::random(seed, 0.3, DType::F32, dev);
         LowRankAdapter {
@@ -643,31 +651,13 @@ mod tests {
         let xv = Var::from_tensor(&x).unwrap();
         let tracked = lin.forward(xv.as_tensor(), &scales).unwrap();
         for (what, other) in [("formula", &by_formula), ("tracked path", &tracked)] {
-            let err = (&fast - other)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(&fast, other);
             // f32 GEMMs of different row counts may block differently: rounding only.
             assert!(err < 1e-5, "per-sample path vs {what}: max abs err {err:e}");
         }
         // The base rows (sample 0: no adapter) are the base layer's exactly.
         let base = lin.base().forward(&x).unwrap();
-        let row0 = (fast.get(0).unwrap() - base.get(0).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let row0 = max_abs_diff(&fast.get(0).unwrap(), &base.get(0).unwrap());
         assert_eq!(row0, 0.0);
     }
 }
