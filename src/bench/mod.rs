@@ -244,9 +244,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// (median seconds, peak MiB, MiB in use at the start) of `f` after one warm-up. The device is
-/// synchronised after each
-/// call, so GPU work is inside the time. Memory: peak RSS on the CPU; on a GPU, peak device
-/// memory in use above `device_baseline_mib` ([`device_mem`]).
+/// synchronised after each call, so GPU work is inside the time. Memory: peak RSS on the CPU;
+/// on a GPU, peak device memory in use above `device_baseline_mib` ([`device_mem`]).
 fn timed(
     device: &Device,
     device_baseline_mib: Option<f64>,
