@@ -624,6 +624,9 @@ pub fn train_iteration(
     opt_content.step(&grads)?;
     drop(grads);
     let loss_c = loss.to_scalar::<f32>()?;
+    // The loss holds the content step's whole graph (every saved activation): free it before the
+    // style step builds its own, or both are alive at the style step's peak.
+    drop(loss);
 
     if !inputs.style_step {
         return Ok((loss_c, None));
