@@ -37,6 +37,7 @@ fn adapter(
         layers,
         rank: 4,
         alpha: 4.0,
+        train_down: false,
     }
 }
 

@@ -335,6 +335,7 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
             layers,
             rank: b.rank,
             alpha: b.rank as f64,
+            train_down: false,
         })
     };
     let content = mk(0)?;

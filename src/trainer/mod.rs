@@ -63,6 +63,9 @@ pub struct LearnedAdapter {
     pub rank: usize,
     /// Alpha (scale = alpha / rank).
     pub alpha: f64,
+    /// Whether A trains too (the no-orthogonality ablation). When false, A is attached as a
+    /// constant so that backward spends no GEMM and no memory on its gradient.
+    pub train_down: bool,
 }
 
 impl LearnedAdapter {
@@ -227,6 +230,7 @@ impl<'p> PairTrainer<'p> {
                 layers,
                 rank,
                 alpha: cfg.alpha_for(rank),
+                train_down: !cfg.orthogonal,
             })
         };
         let train_down = !cfg.orthogonal;
@@ -491,7 +495,7 @@ pub fn attach_adapters(
     for (i, lin) in linears.iter_mut().enumerate() {
         let c = &content.layers[i];
         let (down, up) = if content_trainable {
-            (c.down.as_tensor().clone(), c.up.as_tensor().clone())
+            (trained_down(content, c), c.up.as_tensor().clone())
         } else {
             (c.down.as_tensor().detach(), c.up.as_tensor().detach())
         };
@@ -509,7 +513,7 @@ pub fn attach_adapters(
                 lin.set_adapter(
                     STYLE,
                     LowRankAdapter {
-                        down: s.down.as_tensor().clone(),
+                        down: trained_down(style, s),
                         up: s.up.as_tensor().clone(),
                         alpha_over_rank: style.alpha / style.rank as f64,
                     },
@@ -519,6 +523,16 @@ pub fn attach_adapters(
         }
     }
     Ok(())
+}
+
+/// A layer's down-projection as the graph should see it: the `Var` itself when A trains, else a
+/// constant (a frozen orthogonal A needs no gradient).
+fn trained_down(adapter: &LearnedAdapter, layer: &LayerParams) -> Tensor {
+    if adapter.train_down {
+        layer.down.as_tensor().clone()
+    } else {
+        layer.down.as_tensor().detach()
+    }
 }
 
 /// Remove both training adapters.
