@@ -1375,6 +1375,9 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
     println!(
         "# GFLOP: needed, counted analytically (matmul-class work; training = forward + input-gradient backward of the live part + LoRA weight gradients; docs/perf.md)"
     );
+    if device_baseline_mib.is_none() {
+        println!("# memory: between the training and the sampling cases the allocator's free memory is handed back to the system (malloc_trim), as the daemon does after every job");
+    }
     std::io::stdout().flush().ok();
     let b = pairstyle::bench::PerfBench {
         latent: a.latent,

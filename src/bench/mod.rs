@@ -379,6 +379,8 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
         });
     }
     crate::trainer::detach_adapters(unet);
+    // As the daemon does after every job: hand the training's freed memory back before sampling.
+    crate::engine::device::release_free_host_memory();
 
     // Sampling: attach up to max(styles) style adapters, each a copy of the learned style.
     let max_styles = b.styles.iter().copied().max().unwrap_or(0);

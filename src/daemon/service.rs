@@ -447,6 +447,8 @@ impl DaemonState {
                 JobSpec::Generate(g) => self.run_generation(&job, g, &mut pipeline, &device),
             };
             self.running()[slot] = None;
+            // The job's activations are freed; return them to the system while idle.
+            crate::engine::device::release_free_host_memory();
             let state = self.journal().get(job.id).map(|j| j.state);
             match result {
                 Ok(Some(produced)) => {
