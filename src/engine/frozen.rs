@@ -120,14 +120,7 @@ struct LoraOp {
 
 impl LoraOp {
     fn check_input(&self, layout: &Layout) -> candle_core::Result<()> {
-        if layout.shape() != &self.input_shape {
-            candle_core::bail!(
-                "frozen-lora-linear: applied to an input of shape {:?}, built for {:?}",
-                layout.shape(),
-                self.input_shape
-            );
-        }
-        Ok(())
+        check_input_shape("frozen-lora-linear", &self.input_shape, layout)
     }
 }
 
@@ -363,16 +356,20 @@ fn attach(x: &Tensor, out: Tensor, backward: Backward) -> Result<Tensor> {
 impl FrozenOp {
     /// The forward must see the input it was built for.
     fn check_input(&self, layout: &Layout) -> candle_core::Result<()> {
-        if layout.shape() != &self.input_shape {
-            candle_core::bail!(
-                "{}: applied to an input of shape {:?}, built for {:?}",
-                self.name,
-                layout.shape(),
-                self.input_shape
-            );
-        }
-        Ok(())
+        check_input_shape(self.name, &self.input_shape, layout)
     }
+}
+
+/// A custom op's forward must see the input shape it was built for (its output was computed
+/// beforehand from that input).
+fn check_input_shape(name: &str, built_for: &Shape, layout: &Layout) -> candle_core::Result<()> {
+    if layout.shape() != built_for {
+        candle_core::bail!(
+            "{name}: applied to an input of shape {:?}, built for {built_for:?}",
+            layout.shape()
+        );
+    }
+    Ok(())
 }
 
 impl CustomOp1 for FrozenOp {
