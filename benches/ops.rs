@@ -1,7 +1,10 @@
 //! Per-op timings at the shapes of one SD1.5-size sampling step (batch 2, 64×64 latent): the
 //! profile behind `docs/perf.md`. `tools/reference/bench_ops.py` times the same ops in PyTorch.
 //!
-//! Run: `RAYON_NUM_THREADS=2 cargo bench --bench ops [-- --reps N] [-- --only TEXT] [-- --quick]`.
+//! Run: `RAYON_NUM_THREADS=2 cargo bench --bench ops [-- --reps N] [-- --only TEXT] [-- --quick]
+//! [-- --glibc-defaults]`.
+//! `--glibc-defaults` leaves the host allocator as glibc sets it (by default the bench keeps large
+//! freed buffers for reuse, as the `pairstyle` binary does: `[runtime] reuse_host_memory`).
 //! `--quick` shrinks every shape; it is implied when the binary is not given `--bench` (which
 //! `cargo bench` passes and `cargo test` does not), so `cargo test` checks that the bench runs.
 
@@ -144,6 +147,10 @@ fn cases(quick: bool) -> candle_core::Result<Vec<Case>> {
 fn main() -> candle_core::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
+    let glibc_defaults = args.iter().any(|a| a == "--glibc-defaults");
+    if !glibc_defaults {
+        pairstyle::engine::device::keep_freed_host_memory();
+    }
     let reps = args
         .iter()
         .position(|a| a == "--reps")
@@ -157,8 +164,13 @@ fn main() -> candle_core::Result<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     println!(
-        "# ours (candle 0.11): ops of an SD1.5-size sampling step, f32, {} threads, median of {reps} after 1 warm-up",
-        rayon::current_num_threads()
+        "# ours (candle 0.11): ops of an SD1.5-size sampling step, f32, {} threads, median of {reps} after 1 warm-up; large freed buffers {}",
+        rayon::current_num_threads(),
+        if glibc_defaults {
+            "returned at once (glibc defaults)"
+        } else {
+            "kept for reuse"
+        }
     );
     println!("| op | ms | GFLOP | GFLOP/s |");
     println!("|---|---:|---:|---:|");

@@ -105,6 +105,10 @@ pub struct RuntimeConfig {
     pub dtype: String,
     /// CPU threads for candle's kernels; 0 lets candle use every core.
     pub threads: usize,
+    /// Keep large freed CPU buffers for reuse instead of returning each to the system at once
+    /// ([`crate::engine::device::keep_freed_host_memory`]): fresh pages cost a page fault and
+    /// zeroing on every tensor above glibc's mmap threshold.
+    pub reuse_host_memory: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -113,6 +117,7 @@ impl Default for RuntimeConfig {
             device: "cpu".into(),
             dtype: "f32".into(),
             threads: 0,
+            reuse_host_memory: true,
         }
     }
 }

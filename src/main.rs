@@ -426,6 +426,9 @@ fn run(cli: Cli) -> Result<()> {
         // candle sizes its CPU thread pools from RAYON_NUM_THREADS; set it before any tensor work.
         std::env::set_var("RAYON_NUM_THREADS", config.runtime.threads.to_string());
     }
+    if config.runtime.reuse_host_memory && !pairstyle::engine::device::keep_freed_host_memory() {
+        tracing::debug!("the host allocator does not take the reuse settings; using its defaults");
+    }
     match command {
         Command::Generate(args) => generate(&config, args),
         Command::Info { model } => info(&config, model.as_deref()),
@@ -1349,7 +1352,7 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
         format!(" (sampling {sample_latent}x{sample_latent})")
     };
     println!(
-        "# ours (candle 0.11, {}): {label}; latent {l}x{l}{sampling}, batch 1 per branch, {}, rank {}, threads {threads}, median of {} after 1 warm-up",
+        "# ours (candle 0.11, {}): {label}; latent {l}x{l}{sampling}, batch 1 per branch, {}, rank {}, threads {threads}, median of {} after 1 warm-up (sampling cases interleaved: each round runs every case once, so drift slows them alike)",
         if cfg!(debug_assertions) { "dev profile" } else { "release profile" },
         if device.is_cpu() {
             dtype_arg.clone()
@@ -1376,7 +1379,16 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
         "# GFLOP: needed, counted analytically (matmul-class work; training = forward + input-gradient backward of the live part + LoRA weight gradients; docs/perf.md)"
     );
     if device_baseline_mib.is_none() {
-        println!("# memory: between the training and the sampling cases the allocator's free memory is handed back to the system (malloc_trim), as the daemon does after every job");
+        println!("# memory: before each sampling call (and before the training case) the allocator's free memory is handed back to the system (malloc_trim), as the daemon does after every job");
+        println!(
+            "# allocator: large freed buffers {} ([runtime] reuse_host_memory = {})",
+            if config.runtime.reuse_host_memory {
+                "kept for reuse"
+            } else {
+                "returned to the system at once (glibc defaults)"
+            },
+            config.runtime.reuse_host_memory
+        );
     }
     std::io::stdout().flush().ok();
     let b = pairstyle::bench::PerfBench {

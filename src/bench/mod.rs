@@ -274,6 +274,57 @@ fn timed(
     Ok((median(times), mem, start))
 }
 
+/// [`timed`] for several cases at once, their repetitions interleaved (one warm-up each, then
+/// rounds of one call per case): a machine whose speed drifts over minutes (a shared VM) then
+/// slows every case alike, so ratios between cases (the N-style cost) stay fair. Before every
+/// call the allocator's free memory is handed back (as the daemon does between jobs), so each
+/// case's peak is its own; returned per case: (median seconds, peak MiB, MiB in use at the
+/// start of its first timed call).
+fn timed_interleaved(
+    device: &Device,
+    device_baseline_mib: Option<f64>,
+    reps: usize,
+    cases: &mut [Box<dyn FnMut() -> Result<()> + '_>],
+) -> Result<Vec<(f64, f64, f64)>> {
+    let in_use = || match device_baseline_mib {
+        Some(base) => device_mem::in_use_mib(device).map_or(f64::NAN, |m| m - base),
+        None => rss_mib(),
+    };
+    let mut times = vec![Vec::with_capacity(reps.max(1)); cases.len()];
+    let mut peaks = vec![0f64; cases.len()];
+    let mut starts = vec![f64::NAN; cases.len()];
+    for round in 0..=reps.max(1) {
+        for (i, f) in cases.iter_mut().enumerate() {
+            crate::engine::device::release_free_host_memory();
+            let start = in_use();
+            reset_peak_rss();
+            let sampler = device_baseline_mib.and_then(|_| device_mem::PeakSampler::start(device));
+            let t = Instant::now();
+            f()?;
+            device.synchronize()?;
+            let elapsed = t.elapsed().as_secs_f64();
+            let peak = match (sampler, device_baseline_mib) {
+                (Some(s), Some(base)) => s.finish() - base,
+                _ => peak_rss_mib(),
+            };
+            if round == 0 {
+                continue; // warm-up: neither timed nor counted in the peak
+            }
+            if round == 1 {
+                starts[i] = start;
+            }
+            times[i].push(elapsed);
+            peaks[i] = peaks[i].max(peak);
+        }
+    }
+    Ok(times
+        .into_iter()
+        .zip(peaks)
+        .zip(starts)
+        .map(|((t, p), s)| (median(t), p, s))
+        .collect())
+}
+
 /// Time one training iteration (content + style step with backward and AdamW; unless
 /// `b.train` is false) and one sampling step for each style count, on `unet` with random inputs.
 pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result<Vec<BenchRow>> {
@@ -388,6 +439,8 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
     for i in 0..max_styles {
         set.attach(unet, &format!("style{i}"))?;
     }
+    // The sampling cases' inputs, then their timings interleaved (see `timed_interleaved`).
+    let mut cases = Vec::with_capacity(b.styles.len());
     for &n in &b.styles {
         let batch = 2 + n;
         let c = cond(&mut noise, batch)?;
@@ -400,11 +453,24 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
             v[2 + i] = 1.0;
             scales.set(&format!("style{i}"), Tensor::new(v, device)?);
         }
+        cases.push((n, x, ts, c, a, scales));
+    }
+    let unet_ref: &UNet = unet;
+    let mut steps: Vec<Box<dyn FnMut() -> Result<()> + '_>> = cases
+        .iter()
+        .map(|(_, x, ts, c, a, scales)| {
+            Box::new(move || {
+                unet_ref
+                    .forward(x, ts, &c.context, a.as_ref(), scales)
+                    .map(|_| ())
+            }) as Box<dyn FnMut() -> Result<()> + '_>
+        })
+        .collect();
+    let measured = timed_interleaved(device, b.device_baseline_mib, b.reps, &mut steps)?;
+    drop(steps);
+    for ((n, ..), (s, m, start)) in cases.iter().zip(measured) {
+        let (n, batch) = (*n, 2 + *n);
         let needed = flops::sampling_step(unet.config(), b.sample_latent, n, b.rank)?.total();
-        let (s, m, start) = timed(device, b.device_baseline_mib, b.reps, || {
-            unet.forward(&x, &ts, &c.context, a.as_ref(), &scales)
-                .map(|_| ())
-        })?;
         let case = if n == 0 {
             "sampling step, plain CFG (batch 2)".to_string()
         } else {
