@@ -1379,7 +1379,7 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
         "# GFLOP: needed, counted analytically (matmul-class work; training = forward + input-gradient backward of the live part + LoRA weight gradients; docs/perf.md)"
     );
     if device_baseline_mib.is_none() {
-        println!("# memory: before each sampling call (and before the training case) the allocator's free memory is handed back to the system (malloc_trim), as the daemon does after every job");
+        println!("# memory: before each sampling call (the first one comes after the training case) the allocator's free memory is handed back to the system (malloc_trim), as the daemon does after every job");
         println!(
             "# allocator: large freed buffers {} ([runtime] reuse_host_memory = {})",
             if config.runtime.reuse_host_memory {

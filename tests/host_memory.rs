@@ -19,10 +19,6 @@ fn minor_faults() -> i64 {
     u.ru_minflt
 }
 
-fn rss_mib() -> f64 {
-    pairstyle::bench::rss_mib()
-}
-
 /// Allocate, fill and free one buffer on a worker thread (as the daemon's jobs run); the minor
 /// page faults it took.
 fn one_job(fill: u8) -> i64 {
@@ -53,13 +49,13 @@ fn main() {
         println!("faults {second}");
         return;
     }
-    let kept = rss_mib();
+    let kept = pairstyle::bench::rss_mib();
     assert!(
         second < PAGES / 8,
         "the second job took {second} page faults for {PAGES} pages: the freed buffer was not reused"
     );
     assert!(pairstyle::engine::device::release_free_host_memory());
-    let released = rss_mib();
+    let released = pairstyle::bench::rss_mib();
     assert!(
         kept - released >= 100.0,
         "RSS {kept:.0} → {released:.0} MiB: the kept 128 MiB were not handed back"

@@ -252,10 +252,7 @@ fn timed(
     reps: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<(f64, f64, f64)> {
-    let start = match device_baseline_mib {
-        Some(base) => device_mem::in_use_mib(device).map_or(f64::NAN, |m| m - base),
-        None => rss_mib(),
-    };
+    let start = in_use_mib(device, device_baseline_mib);
     reset_peak_rss();
     let sampler = device_baseline_mib.and_then(|_| device_mem::PeakSampler::start(device));
     f()?; // warm-up
@@ -267,11 +264,24 @@ fn timed(
         device.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
     }
-    let mem = match (sampler, device_baseline_mib) {
+    Ok((median(times), peak_mib(sampler, device_baseline_mib), start))
+}
+
+/// Memory in use now: RSS on the CPU; on a GPU, device memory above `device_baseline_mib`.
+fn in_use_mib(device: &Device, device_baseline_mib: Option<f64>) -> f64 {
+    match device_baseline_mib {
+        Some(base) => device_mem::in_use_mib(device).map_or(f64::NAN, |m| m - base),
+        None => rss_mib(),
+    }
+}
+
+/// Peak since the last [`reset_peak_rss`] (CPU) or since `sampler` started (GPU, above
+/// `device_baseline_mib`).
+fn peak_mib(sampler: Option<device_mem::PeakSampler>, device_baseline_mib: Option<f64>) -> f64 {
+    match (sampler, device_baseline_mib) {
         (Some(s), Some(base)) => s.finish() - base,
         _ => peak_rss_mib(),
-    };
-    Ok((median(times), mem, start))
+    }
 }
 
 /// [`timed`] for several cases at once, their repetitions interleaved (one warm-up each, then
@@ -284,29 +294,22 @@ fn timed_interleaved(
     device: &Device,
     device_baseline_mib: Option<f64>,
     reps: usize,
-    cases: &mut [Box<dyn FnMut() -> Result<()> + '_>],
+    cases: &mut [impl FnMut() -> Result<()>],
 ) -> Result<Vec<(f64, f64, f64)>> {
-    let in_use = || match device_baseline_mib {
-        Some(base) => device_mem::in_use_mib(device).map_or(f64::NAN, |m| m - base),
-        None => rss_mib(),
-    };
     let mut times = vec![Vec::with_capacity(reps.max(1)); cases.len()];
     let mut peaks = vec![0f64; cases.len()];
     let mut starts = vec![f64::NAN; cases.len()];
     for round in 0..=reps.max(1) {
         for (i, f) in cases.iter_mut().enumerate() {
             crate::engine::device::release_free_host_memory();
-            let start = in_use();
+            let start = in_use_mib(device, device_baseline_mib);
             reset_peak_rss();
             let sampler = device_baseline_mib.and_then(|_| device_mem::PeakSampler::start(device));
             let t = Instant::now();
             f()?;
             device.synchronize()?;
             let elapsed = t.elapsed().as_secs_f64();
-            let peak = match (sampler, device_baseline_mib) {
-                (Some(s), Some(base)) => s.finish() - base,
-                _ => peak_rss_mib(),
-            };
+            let peak = peak_mib(sampler, device_baseline_mib);
             if round == 0 {
                 continue; // warm-up: neither timed nor counted in the peak
             }
@@ -430,8 +433,6 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
         });
     }
     crate::trainer::detach_adapters(unet);
-    // As the daemon does after every job: hand the training's freed memory back before sampling.
-    crate::engine::device::release_free_host_memory();
 
     // Sampling: attach up to max(styles) style adapters, each a copy of the learned style.
     let max_styles = b.styles.iter().copied().max().unwrap_or(0);
@@ -456,14 +457,14 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
         cases.push((n, x, ts, c, a, scales));
     }
     let unet_ref: &UNet = unet;
-    let mut steps: Vec<Box<dyn FnMut() -> Result<()> + '_>> = cases
+    let mut steps: Vec<_> = cases
         .iter()
         .map(|(_, x, ts, c, a, scales)| {
-            Box::new(move || {
+            move || {
                 unet_ref
                     .forward(x, ts, &c.context, a.as_ref(), scales)
                     .map(|_| ())
-            }) as Box<dyn FnMut() -> Result<()> + '_>
+            }
         })
         .collect();
     let measured = timed_interleaved(device, b.device_baseline_mib, b.reps, &mut steps)?;

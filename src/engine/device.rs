@@ -217,8 +217,9 @@ const KEPT_ALLOCATION_LIMIT: i32 = 1 << 30;
 /// Why: by default glibc gives every allocation above its (at most 32 MiB) mmap threshold fresh
 /// pages and unmaps them on `free`, so each SD-size activation (a 64×64 latent's feed-forward
 /// output is 84 MiB at batch 2) costs a page fault and a zeroed page per 4 KiB: measured on a
-/// 2-core CPU, a 320→2560 linear on 8192 tokens took 0.076 s instead of 0.037 s, a whole SD1.5
-/// sampling step 7.1 s instead of 5.4 s. The kept memory is handed back after each job by
+/// 2-core CPU, a 320→2560 linear on 8192 tokens took 98.5 ms instead of 36.6 ms (`cargo bench
+/// --bench ops -- --only linear [--glibc-defaults]`), a whole SD1.5 sampling step 7.1 s instead
+/// of 5.4 s (`bench perf`, docs/perf.md). The kept memory is handed back after each job by
 /// [`release_free_host_memory`]. Call it once at start-up, before any thread is spawned (a
 /// thread keeps the arena it first allocated from).
 pub fn keep_freed_host_memory() -> bool {
@@ -243,7 +244,7 @@ pub fn keep_freed_host_memory() -> bool {
 /// Why: a training run's activations come and go in chunks below glibc's mmap threshold, and the
 /// freed heap stays mapped, so without this the daemon would keep a finished job's peak (about
 /// 1 GiB at SD1.5 size, 256 px) resident while it idles or runs the next, smaller job. The
-/// daemon calls it after every job; `bench perf` between its training and sampling cases.
+/// daemon calls it after every job; `bench perf` before each sampling call.
 pub fn release_free_host_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
