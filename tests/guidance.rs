@@ -217,3 +217,42 @@ fn per_sample_adapter_scales_equal_separate_calls() {
         );
     }
 }
+
+/// One latent shared by every branch (`forward_shared_latent`: the text- and adapter-free start
+/// computed once) gives what the full forward gives on that latent repeated, with per-branch
+/// context and adapters: on SD1.5 (conv_in and the first ResNet shared) and SDXL (conv_in only,
+/// its time embedding differing by branch). 1e-5 relative: the same ops on fewer rows.
+#[test]
+fn shared_latent_forward_equals_the_repeated_latent() {
+    for model in ["tiny-sd15", "tiny-sdxl"] {
+        let dir = ModelDir::open(common::fixture(model)).unwrap();
+        let mut unet = UNet::load(&dir, Variant::Auto, DType::F32, &Device::Cpu).unwrap();
+        let m = refs(&format!("method-{model}"));
+        attach(&mut unet, &m, "style");
+        let r = refs(model);
+        let x1 = get(&r, "unet.sample").narrow(0, 0, 1).unwrap();
+        let ctx = get(&r, "unet.encoder_hidden_states");
+        let batch = ctx.dim(0).unwrap();
+        let added = r.get("unet.text_embeds").map(|te| AddedCond {
+            text_embeds: te.clone(),
+            time_ids: get(&r, "unet.time_ids").to_dtype(DType::F32).unwrap(),
+        });
+        let mut s = AdapterScales::none();
+        let mut v = vec![0f32; batch];
+        v[batch - 1] = 1.0;
+        s.set("style", Tensor::new(v, &Device::Cpu).unwrap());
+        let t = 321f32;
+        let shared = unet
+            .forward_shared_latent(&x1, batch, t, ctx, added.as_ref(), &s)
+            .unwrap();
+        let repeated = x1.repeat((batch, 1, 1, 1)).unwrap();
+        let ts = Tensor::new(vec![t; batch], &Device::Cpu).unwrap();
+        let full = unet
+            .forward(&repeated, &ts, ctx, added.as_ref(), &s)
+            .unwrap();
+        assert_close(&format!("{model} shared latent"), &shared, &full, 1e-5);
+        assert!(unet
+            .forward_shared_latent(&repeated, batch, t, ctx, added.as_ref(), &s)
+            .is_err());
+    }
+}

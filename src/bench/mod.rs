@@ -446,23 +446,23 @@ pub fn run_perf_bench(unet: &mut UNet, b: &PerfBench, device: &Device) -> Result
         let batch = 2 + n;
         let c = cond(&mut noise, batch)?;
         let a = added(&c, batch)?;
-        let x = latent_at(&mut noise, batch, b.sample_latent)?;
-        let ts = Tensor::new(vec![500f32; batch], device)?;
+        // One latent for every branch, as in generation (`forward_shared_latent`).
+        let x = latent_at(&mut noise, 1, b.sample_latent)?;
         let mut scales = AdapterScales::none();
         for i in 0..n {
             let mut v = vec![0f32; batch];
             v[2 + i] = 1.0;
             scales.set(&format!("style{i}"), Tensor::new(v, device)?);
         }
-        cases.push((n, x, ts, c, a, scales));
+        cases.push((n, x, c, a, scales));
     }
     let unet_ref: &UNet = unet;
     let mut steps: Vec<_> = cases
         .iter()
-        .map(|(_, x, ts, c, a, scales)| {
+        .map(|(n, x, c, a, scales)| {
             move || {
                 unet_ref
-                    .forward(x, ts, &c.context, a.as_ref(), scales)
+                    .forward_shared_latent(x, 2 + n, 500.0, &c.context, a.as_ref(), scales)
                     .map(|_| ())
             }
         })

@@ -95,6 +95,8 @@ struct ActiveScale {
     /// `Some(mask)` with `mask[b]` = whether sample `b`'s scale is non-zero; `None` when the
     /// scale is a scalar (every sample) or could not be read.
     nonzero: Option<Vec<bool>>,
+    /// The scale of each sample, read once when set (`None` as for `nonzero`).
+    values: Option<Vec<f64>>,
 }
 
 impl AdapterScales {
@@ -105,16 +107,24 @@ impl AdapterScales {
 
     /// Activate adapter `name` with one scale per sample (`scales.len()` = batch size).
     pub fn set(&mut self, name: &str, scales: Tensor) {
-        let nonzero = match scales.rank() {
+        let values = match scales.rank() {
             1 => scales
-                .to_dtype(DType::F32)
-                .and_then(|s| s.to_vec1::<f32>())
-                .ok()
-                .map(|v| v.iter().map(|&s| s != 0.0).collect()),
+                .to_dtype(DType::F64)
+                .and_then(|s| s.to_vec1::<f64>())
+                .ok(),
             _ => None,
         };
-        self.scales
-            .insert(name.to_string(), ActiveScale { scales, nonzero });
+        let nonzero = values
+            .as_ref()
+            .map(|v| v.iter().map(|&s| s != 0.0).collect());
+        self.scales.insert(
+            name.to_string(),
+            ActiveScale {
+                scales,
+                nonzero,
+                values,
+            },
+        );
     }
 
     /// The per-sample scale tensor of adapter `name`, if active.
@@ -126,6 +136,12 @@ impl AdapterScales {
     /// sample, treat every sample as active).
     pub fn nonzero_samples(&self, name: &str) -> Option<&[bool]> {
         self.scales.get(name).and_then(|a| a.nonzero.as_deref())
+    }
+
+    /// For adapter `name`, each sample's scale as read when it was set (`None`: not known per
+    /// sample).
+    pub fn sample_values(&self, name: &str) -> Option<&[f64]> {
+        self.scales.get(name).and_then(|a| a.values.as_deref())
     }
 
     /// Whether no adapter is active.
@@ -231,6 +247,9 @@ impl AdaptableLinear {
         if let Some(y) = self.forward_tracked(x, scales, batch)? {
             return Ok(y);
         }
+        if let Some(y) = self.forward_merged(x, scales, batch)? {
+            return Ok(y);
+        }
         let mut y = self.base.forward(x)?;
         for (name, ad) in &self.adapters {
             let Some(s) = scales.get(name) else { continue };
@@ -262,6 +281,107 @@ impl AdaptableLinear {
             y = (y + delta.broadcast_mul(&s)?)?;
         }
         Ok(y)
+    }
+
+    /// Inference with adapters whose merged weight is cheaper than running them unmerged: each
+    /// sample gets the weight `W0 + Σ_k s_k·(α_k/r_k)·B_k·A_k` of the adapters switched on for
+    /// it (built once per distinct set of scales, shared by the samples with that set), and one
+    /// batched matmul applies every sample's own weight, base samples using `W0`.
+    ///
+    /// Building a merged weight costs `out·in·r` multiply-adds; running the adapter on `n` samples
+    /// of `t` tokens costs `n·t·r·(in + out)` and two extra passes over the output, so the merge
+    /// is used when `out·in < n·t·(in + out)` for every set (the wide, short layers of a
+    /// high-resolution block: at 64×64 latents SD1.5's 320- and 640-channel projections, not its
+    /// 1280-channel ones, nor the key/value projections of the 77 text tokens). Only for f32/f64
+    /// weights with adapters of the same dtype: a merged half-precision weight would round the
+    /// small adapter term away. `None`: the caller runs the adapters unmerged.
+    fn forward_merged(
+        &self,
+        x: &Tensor,
+        scales: &AdapterScales,
+        batch: usize,
+    ) -> Result<Option<Tensor>> {
+        let dtype = self.base.weight.dtype();
+        if x.track_op()
+            || x.rank() != 3
+            || x.dtype() != dtype
+            || !matches!(dtype, DType::F32 | DType::F64)
+        {
+            return Ok(None);
+        }
+        // Per sample: the (adapter index, scale) pairs with a non-zero scale.
+        let mut per_sample: Vec<Vec<(usize, f64)>> = vec![Vec::new(); batch];
+        let mut any = false;
+        for (k, (name, ad)) in self.adapters.iter().enumerate() {
+            let Some(s) = scales.get(name) else { continue };
+            let Some(values) = scales.sample_values(name) else {
+                return Ok(None);
+            };
+            if values.len() != batch
+                || s.track_op()
+                || ad.down.track_op()
+                || ad.up.track_op()
+                || ad.down.dtype() != dtype
+                || ad.up.dtype() != dtype
+            {
+                return Ok(None);
+            }
+            for (b, &v) in values.iter().enumerate() {
+                if v != 0.0 {
+                    per_sample[b].push((k, v));
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        // Distinct adapter sets, each with the number of samples that use it.
+        let mut sets: Vec<(&[(usize, f64)], usize)> = Vec::new();
+        for set in per_sample.iter().filter(|s| !s.is_empty()) {
+            match sets.iter_mut().find(|(s, _)| *s == set.as_slice()) {
+                Some((_, n)) => *n += 1,
+                None => sets.push((set, 1)),
+            }
+        }
+        let (in_dim, out_dim) = self.dims();
+        let tokens = x.dim(1)?;
+        if sets
+            .iter()
+            .any(|(_, n)| out_dim * in_dim >= n * tokens * (in_dim + out_dim))
+        {
+            return Ok(None);
+        }
+        let mut merged: Vec<Tensor> = Vec::with_capacity(sets.len());
+        for (set, _) in &sets {
+            let mut w = self.base.weight.clone();
+            for &(k, v) in set.iter() {
+                let ad = &self.adapters[k].1;
+                let delta = (ad.up.matmul(&ad.down)? * (v * ad.alpha_over_rank))?;
+                w = (w + delta)?;
+            }
+            merged.push(w);
+        }
+        let weights: Vec<&Tensor> = per_sample
+            .iter()
+            .map(|set| {
+                sets.iter()
+                    .position(|(s, _)| *s == set.as_slice())
+                    .map_or(&self.base.weight, |i| &merged[i])
+            })
+            .collect();
+        // [batch, out, in] → [batch, in, out] as a transposed view: the GEMM reads it in place.
+        let w_t = Tensor::stack(&weights, 0)?.transpose(1, 2)?;
+        let x = if x.is_contiguous() {
+            x.clone()
+        } else {
+            x.contiguous()?
+        };
+        let y = x.matmul(&w_t)?;
+        Ok(Some(match &self.base.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }))
     }
 
     /// Training (something tracks gradients, every active adapter in the base dtype): base layer
@@ -717,6 +837,49 @@ mod tests {
         let base = lin.base().forward(&x).unwrap();
         let row0 = max_abs_diff(&fast.get(0).unwrap(), &base.get(0).unwrap());
         assert_eq!(row0, 0.0);
+    }
+
+    /// The merged-weight path (each sample's own `W0 + Σ s·(α/r)·B·A`, one batched matmul) equals
+    /// the formula in f64 to 1e-10 (the same products summed in another order: rounding only),
+    /// with base samples, two samples sharing one adapter set, and a sample with two adapters;
+    /// it is chosen for many tokens and not for few (where the unmerged adapters are cheaper).
+    #[test]
+    fn merged_weights_match_the_formula_and_are_used_only_when_cheaper() {
+        let dev = Device::Cpu;
+        let w = Weights::random(9, 0.2, DType::F64, &dev).pp("to_q");
+        let mut lin = AdaptableLinear::load(&w, 24, 16, true).unwrap();
+        let to_f64 = |ad: LowRankAdapter| LowRankAdapter {
+            down: ad.down.to_dtype(DType::F64).unwrap(),
+            up: ad.up.to_dtype(DType::F64).unwrap(),
+            alpha_over_rank: ad.alpha_over_rank,
+        };
+        let (a, b) = (to_f64(adapter(3, &dev)), to_f64(adapter(4, &dev)));
+        lin.set_adapter("a", a.clone()).unwrap();
+        lin.set_adapter("b", b.clone()).unwrap();
+        let sa = [0f64, 0.0, 1.0, 0.0, 0.8, 1.0];
+        let sb = [0f64, 0.0, 0.0, 1.5, -0.4, 0.0];
+        let mut scales = AdapterScales::none();
+        scales.set("a", Tensor::new(&sa, &dev).unwrap());
+        scales.set("b", Tensor::new(&sb, &dev).unwrap());
+        for (tokens, merges) in [(64, true), (3, false)] {
+            let x = Tensor::randn(0f64, 1.0, (6, tokens, 24), &dev).unwrap();
+            assert_eq!(
+                lin.forward_merged(&x, &scales, 6).unwrap().is_some(),
+                merges,
+                "{tokens} tokens"
+            );
+            let y = lin.forward(&x, &scales).unwrap();
+            let by_formula = adapter_formula(
+                lin.base().forward(&x).unwrap(),
+                &x,
+                &[
+                    (&a, Tensor::new(&sa, &dev).unwrap()),
+                    (&b, Tensor::new(&sb, &dev).unwrap()),
+                ],
+            );
+            let err = max_abs_diff(&y, &by_formula);
+            assert!(err < 1e-10, "{tokens} tokens: max abs err {err:e}");
+        }
     }
 
     /// Training path: base layer and adapters as one graph node give the same value and the same

@@ -397,12 +397,11 @@ impl Pipeline {
                     (n_base, &base_text, base_added.as_ref(), &none)
                 };
             let x = sampler.scale_model_input(&latents, t)?;
-            let x_in = x.repeat((n, 1, 1, 1))?;
+            // Every branch starts from the same latent at the same timestep.
             let mt = model_timesteps[i] as f32;
-            let ts = Tensor::new(vec![mt; n], &self.device)?;
             let out = self
                 .unet
-                .forward(&x_in, &ts, &text.context, added, scales)?;
+                .forward_shared_latent(&x, n, mt, &text.context, added, scales)?;
             let c = n_base - 1;
             let eps_c = out.narrow(0, c, 1)?;
             let mut eps = if br.with_uncond {

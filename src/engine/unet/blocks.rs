@@ -95,9 +95,36 @@ impl DownBlock {
         scales: &AdapterScales,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
+        self.forward_from(x, None, temb, context, scales, skips)
+    }
+
+    /// The first ResNet block alone (on `x` with time embedding `temb`), to be computed once for
+    /// samples that share it and passed to [`Self::forward_from`].
+    pub fn first_resnet(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        match self.resnets.first() {
+            Some(r) => r.forward(x, temb),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// [`Self::forward`], with `first` = the first ResNet block's output on `x` when already
+    /// computed ([`Self::first_resnet`]).
+    pub fn forward_from(
+        &self,
+        x: &Tensor,
+        first: Option<Tensor>,
+        temb: &Tensor,
+        context: &Tensor,
+        scales: &AdapterScales,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let mut h = x.clone();
+        let mut first = first;
         for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, temb)?;
+            h = match first.take() {
+                Some(done) => done,
+                None => resnet.forward(&h, temb)?,
+            };
             if let Some(attn) = self.attentions.get(j) {
                 h = attn.forward(&h, context, scales)?;
             }

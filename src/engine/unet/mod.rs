@@ -155,6 +155,47 @@ impl UNet {
         added: Option<&AddedCond>,
         scales: &AdapterScales,
     ) -> Result<Tensor> {
+        self.forward_inner(sample, None, timesteps, context, added, scales)
+    }
+
+    /// The same prediction for `batch` samples that all start from one `latent` [1, C, H, W] at
+    /// one `timestep`, as the branches of a guidance step do (unconditional, conditional, one per
+    /// style): the part of the network that sees neither text nor adapters is computed once and
+    /// shared. That is `conv_in` always and, when the time embedding is the same for every
+    /// sample (SD 1.x/2.x; SDXL's added conditions differ by branch), the first ResNet block too.
+    /// Equal to [`Self::forward`] on the latent repeated `batch` times.
+    pub fn forward_shared_latent(
+        &self,
+        latent: &Tensor,
+        batch: usize,
+        timestep: f32,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        scales: &AdapterScales,
+    ) -> Result<Tensor> {
+        if latent.dim(0)? != 1 || batch == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "shared-latent forward needs one latent and at least one sample, got {} and {batch}",
+                latent.dim(0)?
+            )));
+        }
+        let ts = Tensor::new(vec![timestep; batch], latent.device())?;
+        let sample =
+            latent.broadcast_as((batch, latent.dim(1)?, latent.dim(2)?, latent.dim(3)?))?;
+        self.forward_inner(&sample, Some(latent), &ts, context, added, scales)
+    }
+
+    /// [`Self::forward`], with `shared` = the one latent every sample of `sample` repeats (the
+    /// timesteps then being all equal), whose text- and adapter-free start is computed once.
+    fn forward_inner(
+        &self,
+        sample: &Tensor,
+        shared: Option<&Tensor>,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        scales: &AdapterScales,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         let f = self.config.downscale();
         if h % f != 0 || w % f != 0 {
@@ -201,10 +242,29 @@ impl UNet {
             temb = (temb + add.forward(&input)?)?;
         }
 
-        let mut h = self.conv_in.forward(sample)?;
+        let expand = |t: Tensor| -> Result<Tensor> {
+            let (_, c, h, w) = t.dims4()?;
+            Ok(t.broadcast_as((b, c, h, w))?.contiguous()?)
+        };
+        let (mut h, first) = match shared {
+            None => (self.conv_in.forward(sample)?, None),
+            Some(latent) => {
+                let h1 = self.conv_in.forward(latent)?;
+                // The time embedding is the same for every sample unless SDXL's added
+                // conditions (which differ by branch) went into it.
+                let first = match (self.add_embedding.is_none(), self.down_blocks.first()) {
+                    (true, Some(block)) => {
+                        Some(expand(block.first_resnet(&h1, &temb.narrow(0, 0, 1)?)?)?)
+                    }
+                    _ => None,
+                };
+                (expand(h1)?, first)
+            }
+        };
         let mut skips = vec![h.clone()];
+        let mut first = first;
         for block in &self.down_blocks {
-            h = block.forward(&h, &temb, context, scales, &mut skips)?;
+            h = block.forward_from(&h, first.take(), &temb, context, scales, &mut skips)?;
         }
         if let Some(mid) = &self.mid_block {
             h = mid.forward(&h, &temb, context, scales)?;
