@@ -1378,6 +1378,9 @@ fn bench_perf(config: &Config, a: PerfArgs) -> Result<()> {
     println!(
         "# GFLOP: needed, counted analytically (matmul-class work; training = forward + input-gradient backward of the live part + LoRA weight gradients; docs/perf.md)"
     );
+    println!(
+        "# sampling: all branches start from one latent, as in generation (conv_in and, without SDXL's added conditions, the first ResNet computed once), style adapters merged into f32/f64 weights where cheaper; GFLOP counts every branch in full, unmerged, like the reference's count"
+    );
     if device_baseline_mib.is_none() {
         println!("# memory: before each sampling call (the first one comes after the training case) the allocator's free memory is handed back to the system (malloc_trim), as the daemon does after every job");
         println!(
