@@ -239,9 +239,11 @@ impl AdaptableLinear {
 
     /// Apply base layer and active adapters. `x` is [batch, tokens, in].
     ///
-    /// When nothing tracks gradients and an adapter's scale is zero on some samples, the
-    /// adapter runs only on the others and its delta is added into those rows of the fresh
-    /// output in place (inference with style guidance); otherwise it runs on the whole batch.
+    /// When nothing tracks gradients, f32/f64 layers whose merged weights are cheaper than the
+    /// adapters run each sample with its own merged weight (see `forward_merged`). Otherwise,
+    /// when an adapter's scale is zero on some samples, the adapter runs only on the others and
+    /// its delta is added into those rows of the fresh output in place (inference with style
+    /// guidance); with gradients it runs on the whole batch.
     pub fn forward(&self, x: &Tensor, scales: &AdapterScales) -> Result<Tensor> {
         let batch = x.dim(0)?;
         if let Some(y) = self.forward_tracked(x, scales, batch)? {
@@ -289,7 +291,7 @@ impl AdaptableLinear {
     /// batched matmul applies every sample's own weight, base samples using `W0`.
     ///
     /// Building a merged weight costs `out·in·r` multiply-adds; running the adapter on `n` samples
-    /// of `t` tokens costs `n·t·r·(in + out)` and two extra passes over the output, so the merge
+    /// of `t` tokens costs `n·t·r·(in + out)` and three extra passes over the output, so the merge
     /// is used when `out·in < n·t·(in + out)` for every set (the wide, short layers of a
     /// high-resolution block: at 64×64 latents SD1.5's 320- and 640-channel projections, not its
     /// 1280-channel ones, nor the key/value projections of the 77 text tokens). Only for f32/f64

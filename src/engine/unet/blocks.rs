@@ -112,14 +112,13 @@ impl DownBlock {
     pub fn forward_from(
         &self,
         x: &Tensor,
-        first: Option<Tensor>,
+        mut first: Option<Tensor>,
         temb: &Tensor,
         context: &Tensor,
         scales: &AdapterScales,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let mut h = x.clone();
-        let mut first = first;
         for (j, resnet) in self.resnets.iter().enumerate() {
             h = match first.take() {
                 Some(done) => done,

@@ -246,7 +246,7 @@ impl UNet {
             let (_, c, h, w) = t.dims4()?;
             Ok(t.broadcast_as((b, c, h, w))?.contiguous()?)
         };
-        let (mut h, first) = match shared {
+        let (mut h, mut first) = match shared {
             None => (self.conv_in.forward(sample)?, None),
             Some(latent) => {
                 let h1 = self.conv_in.forward(latent)?;
@@ -262,7 +262,6 @@ impl UNet {
             }
         };
         let mut skips = vec![h.clone()];
-        let mut first = first;
         for block in &self.down_blocks {
             h = block.forward_from(&h, first.take(), &temb, context, scales, &mut skips)?;
         }
