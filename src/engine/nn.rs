@@ -92,10 +92,8 @@ pub struct AdapterScales {
 #[derive(Debug, Clone)]
 struct ActiveScale {
     scales: Tensor,
-    /// `Some(mask)` with `mask[b]` = whether sample `b`'s scale is non-zero; `None` when the
-    /// scale is a scalar (every sample) or could not be read.
-    nonzero: Option<Vec<bool>>,
-    /// The scale of each sample, read once when set (`None` as for `nonzero`).
+    /// The scale of each sample, read once when set; `None` when the scale is a scalar (every
+    /// sample) or could not be read.
     values: Option<Vec<f64>>,
 }
 
@@ -114,17 +112,8 @@ impl AdapterScales {
                 .ok(),
             _ => None,
         };
-        let nonzero = values
-            .as_ref()
-            .map(|v| v.iter().map(|&s| s != 0.0).collect());
-        self.scales.insert(
-            name.to_string(),
-            ActiveScale {
-                scales,
-                nonzero,
-                values,
-            },
-        );
+        self.scales
+            .insert(name.to_string(), ActiveScale { scales, values });
     }
 
     /// The per-sample scale tensor of adapter `name`, if active.
@@ -134,8 +123,9 @@ impl AdapterScales {
 
     /// For adapter `name`, whether each sample's scale is non-zero (`None`: not known per
     /// sample, treat every sample as active).
-    pub fn nonzero_samples(&self, name: &str) -> Option<&[bool]> {
-        self.scales.get(name).and_then(|a| a.nonzero.as_deref())
+    pub fn nonzero_samples(&self, name: &str) -> Option<Vec<bool>> {
+        self.sample_values(name)
+            .map(|v| v.iter().map(|&s| s != 0.0).collect())
     }
 
     /// For adapter `name`, each sample's scale as read when it was set (`None`: not known per
@@ -261,7 +251,7 @@ impl AdaptableLinear {
                     if !y.is_contiguous() {
                         y = y.contiguous()?;
                     }
-                    for (start, len) in true_runs(mask) {
+                    for (start, len) in true_runs(&mask) {
                         let rows = y.narrow(0, start, len)?;
                         let delta = ad.delta(&x.narrow(0, start, len)?, rows.dtype())?;
                         let s = (s.narrow(0, start, len)?.to_dtype(delta.dtype())?
@@ -338,14 +328,27 @@ impl AdaptableLinear {
         if !any {
             return Ok(None);
         }
-        // Distinct adapter sets, each with the number of samples that use it.
+        // Distinct adapter sets, each with the number of samples that use it, and each sample's
+        // set (`None`: the base weight).
         let mut sets: Vec<(&[(usize, f64)], usize)> = Vec::new();
-        for set in per_sample.iter().filter(|s| !s.is_empty()) {
-            match sets.iter_mut().find(|(s, _)| *s == set.as_slice()) {
-                Some((_, n)) => *n += 1,
-                None => sets.push((set, 1)),
-            }
-        }
+        let set_of: Vec<Option<usize>> = per_sample
+            .iter()
+            .map(|set| {
+                if set.is_empty() {
+                    return None;
+                }
+                Some(match sets.iter().position(|(s, _)| *s == set.as_slice()) {
+                    Some(i) => {
+                        sets[i].1 += 1;
+                        i
+                    }
+                    None => {
+                        sets.push((set, 1));
+                        sets.len() - 1
+                    }
+                })
+            })
+            .collect();
         let (in_dim, out_dim) = self.dims();
         let tokens = x.dim(1)?;
         if sets
@@ -364,22 +367,13 @@ impl AdaptableLinear {
             }
             merged.push(w);
         }
-        let weights: Vec<&Tensor> = per_sample
+        let weights: Vec<&Tensor> = set_of
             .iter()
-            .map(|set| {
-                sets.iter()
-                    .position(|(s, _)| *s == set.as_slice())
-                    .map_or(&self.base.weight, |i| &merged[i])
-            })
+            .map(|i| i.map_or(&self.base.weight, |i| &merged[i]))
             .collect();
         // [batch, out, in] → [batch, in, out] as a transposed view: the GEMM reads it in place.
         let w_t = Tensor::stack(&weights, 0)?.transpose(1, 2)?;
-        let x = if x.is_contiguous() {
-            x.clone()
-        } else {
-            x.contiguous()?
-        };
-        let y = x.matmul(&w_t)?;
+        let y = x.contiguous()?.matmul(&w_t)?;
         Ok(Some(match &self.base.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -816,7 +810,7 @@ mod tests {
         scales.set("b", Tensor::new(&sb, &dev).unwrap());
         assert_eq!(
             scales.nonzero_samples("a"),
-            Some(&[false, true, false, true, true][..])
+            Some(vec![false, true, false, true, true])
         );
         let fast = lin.forward(&x, &scales).unwrap();
 
